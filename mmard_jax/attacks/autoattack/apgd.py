@@ -1,0 +1,223 @@
+"""APGD (Auto-PGD) with the CE or DLR loss and APGD-T with the targeted DLR loss.
+
+Croce & Hein (2020), "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks", Sec. 3 (Algorithm 1: momentum step, checkpoints, step-size halving) and
+Sec. 4 (DLR losses). Every constant is a named parameter whose default is the reference value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmard_jax.attacks.autoattack import losses
+from mmard_jax.attacks.autoattack.common import (
+    AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask, example_keys, fold_keys,
+    merge_success, normalize, per_example, predicted_correctly, project)
+
+APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
+
+
+def apgd_checkpoints(n_iter: int, first_fraction: float = 0.22, min_fraction: float = 0.06,
+                     decrement_fraction: float = 0.03) -> tuple[tuple[int, int], ...]:
+    """(iteration index, window length) of each step-size check, as the reference counts them.
+
+    Sec. 3.2: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); the check after
+    w_j = ceil(p_j * n_iter) iterations looks back over the last w_j - w_{j-1} iterations.
+    """
+    window = max(int(first_fraction * n_iter), 1)
+    shortest = max(int(min_fraction * n_iter), 1)
+    decrement = max(int(decrement_fraction * n_iter), 1)
+    checkpoints, iteration = [], window - 1
+    while iteration < n_iter:
+        checkpoints.append((iteration, window))
+        window = max(window - decrement, shortest)
+        iteration += window
+    return tuple(checkpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    norm: str
+    loss: str
+    n_iter: int
+    rho: float
+    momentum: float
+    step_size_factor: float
+    checkpoints: tuple[tuple[int, int], ...]
+
+
+def _loss_value_and_grad(logits_fn: LogitsFn, loss: str, x, labels, targets):
+    """Per-example loss, logits and d(sum of losses)/dx at x."""
+    def total(x_):
+        logits = logits_fn(x_)
+        if loss == "ce":
+            per_ex = losses.cross_entropy(logits, labels)
+        elif loss == "dlr":
+            per_ex = losses.dlr_loss(logits, labels)
+        else:
+            per_ex = losses.targeted_dlr_loss(logits, labels, targets)
+        return jnp.sum(per_ex), (per_ex, logits)
+    (_, (per_ex, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return per_ex, logits, grad
+
+
+def _random_start(keys, x, eps, norm):
+    """x + eps * t / ||t|| with t ~ U[-1, 1] (L-inf) or N(0, 1) (L2), clipped to [0, 1]."""
+    sample = jax.random.uniform if norm == "linf" else jax.random.normal
+    kwargs = dict(minval=-1.0, maxval=1.0) if norm == "linf" else {}
+    noise = jax.vmap(lambda k: sample(k, x.shape[1:], x.dtype, **kwargs))(keys)
+    return jnp.clip(x + eps * normalize(noise, norm), 0.0, 1.0)
+
+
+def _oscillation_count(loss_steps, iteration, window):
+    """#{j in (iteration - window, iteration]: loss_j > loss_{j-1}}; index -1 wraps to the (still zero)
+    last row, exactly as the reference's Python indexing does at the first checkpoint."""
+    increased = loss_steps > jnp.roll(loss_steps, 1, axis=0)
+    rows = jnp.arange(loss_steps.shape[0])[:, None]
+    in_window = (rows > iteration - window) & (rows <= iteration)
+    return jnp.sum(increased & in_window, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
+def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys, eps,
+                     attack_mask) -> AttackOutput:
+    """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
+    s = settings
+    n_iter = s.n_iter
+    is_checkpoint = np.zeros(n_iter, bool)
+    window_at = np.ones(n_iter, np.int32)
+    for iteration, window in s.checkpoints:
+        is_checkpoint[iteration], window_at[iteration] = True, window
+    is_checkpoint, window_at = jnp.asarray(is_checkpoint), jnp.asarray(window_at)
+
+    x_adv = _random_start(keys, x, eps, s.norm)
+    loss, logits, grad = _loss_value_and_grad(logits_fn, s.loss, x_adv, labels, targets)
+    robust = predicted_correctly(logits, labels)
+    batch = x.shape[0]
+    state = dict(
+        x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=loss,
+        x_best_adv=x_adv, robust=robust,
+        step_size=jnp.full((batch,), s.step_size_factor, x.dtype) * eps,
+        loss_steps=jnp.zeros((n_iter, batch), x.dtype),
+        loss_best_last_check=loss, reduced_last_check=jnp.ones((batch,), bool))
+
+    def step_direction(grad):
+        return jnp.sign(grad) if s.norm == "linf" else normalize(grad, "l2")
+
+    def body(i, st):
+        a = jnp.where(i > 0, s.momentum, 1.0)
+        x_cur = st["x_adv"]
+        z = project(x_cur + per_example(st["step_size"], x) * step_direction(st["grad"]), x, eps, s.norm)
+        x_new = project(x_cur + (z - x_cur) * a + (x_cur - st["x_adv_old"]) * (1 - a), x, eps, s.norm)
+
+        loss, logits, grad = _loss_value_and_grad(logits_fn, s.loss, x_new, labels, targets)
+        correct = predicted_correctly(logits, labels)
+        x_best_adv = jnp.where(per_example(~correct, x), x_new, st["x_best_adv"])
+        loss_steps = st["loss_steps"].at[i].set(loss)
+        improved = loss > st["loss_best"]
+        x_best = jnp.where(per_example(improved, x), x_new, st["x_best"])
+        grad_best = jnp.where(per_example(improved, x), grad, st["grad_best"])
+        loss_best = jnp.where(improved, loss, st["loss_best"])
+
+        window = window_at[i]
+        oscillating = _oscillation_count(loss_steps, i, window) <= window * s.rho
+        stalled = ~st["reduced_last_check"] & (st["loss_best_last_check"] >= loss_best)
+        halve = is_checkpoint[i] & (oscillating | stalled)
+        check = is_checkpoint[i]
+        return dict(
+            x_adv=jnp.where(per_example(halve, x), x_best, x_new), x_adv_old=x_cur,
+            grad=jnp.where(per_example(halve, x), grad_best, grad),
+            x_best=x_best, grad_best=grad_best, loss_best=loss_best, x_best_adv=x_best_adv,
+            robust=st["robust"] & correct,
+            step_size=jnp.where(halve, st["step_size"] / 2.0, st["step_size"]),
+            loss_steps=loss_steps,
+            loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
+            reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
+
+    state = jax.lax.fori_loop(0, n_iter, body, state)
+    fooled = attack_mask & ~state["robust"]
+    return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
+
+
+def _apgd_restarts(logits_fn, settings, images, labels, targets, keys, eps, attack_mask,
+                   n_restarts, found: AttackOutput) -> AttackOutput:
+    """Reference `perturb`: each restart attacks only the rows not fooled yet."""
+    for restart in range(n_restarts):
+        attacked = attack_mask & ~found.fooled
+        new = _apgd_single_run(logits_fn, settings, images, labels, targets,
+                               fold_keys(keys, restart), eps, attacked)
+        found = merge_success(found, new, attacked)
+    return found
+
+
+def _prepare(logits_fn, images, labels, example_ids, active, eps, norm):
+    check_norm(norm)
+    eps = jnp.float32(check_eps(eps))
+    images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    ids, mask = default_ids_and_mask(images, example_ids, active)
+    clean_logits = jax.jit(logits_fn)(images)
+    correct = predicted_correctly(clean_logits, labels)
+    # Rows misclassified already count as fooled by their clean input; inactive rows are never touched.
+    start = AttackOutput(images, mask & ~correct)
+    return images, labels, ids, mask & correct, eps, clean_logits, start
+
+
+def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, norm: str = "linf",
+         loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
+         momentum: float = 0.75, step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
+         min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
+         example_ids=None, active=None) -> AttackOutput:
+    """Untargeted APGD (Croce & Hein 2020, Sec. 3, Alg. 1) with loss 'ce' (APGD-CE) or 'dlr'.
+
+    Defaults are AutoAttack's: 100 iterations, rho = 0.75 (oscillation threshold), momentum
+    alpha = 0.75, initial step size 2 * eps, checkpoints p_1 = 0.22 / gap decrement 0.03 / minimum gap 0.06.
+    The 'standard' version uses n_restarts = 1. `key` seeds the random starts; each example's key is
+    folded from `example_ids` (default arange), so results do not depend on the batch it sits in.
+    Rows with active=False are returned unchanged and never fooled.
+    """
+    if loss not in ("ce", "dlr"):
+        raise ValueError(f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted "
+                         "runs the targeted DLR loss)")
+    images, labels, ids, attack_mask, eps, _, found = _prepare(
+        logits_fn, images, labels, example_ids, active, eps, norm)
+    settings = _Settings(norm, loss, n_iter, rho, momentum, step_size_factor,
+                         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
+                                          checkpoint_gap_decrement))
+    keys = example_keys(key, ids)
+    return _apgd_restarts(logits_fn, settings, images, labels, labels, keys, eps, attack_mask,
+                          n_restarts, found)
+
+
+def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
+                  norm: str = "linf", n_target_classes: int = 9, n_iter: int = 100,
+                  n_restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
+                  step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
+                  min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
+                  example_ids=None, active=None) -> AttackOutput:
+    """APGD-T: APGD on the targeted DLR loss (Croce & Hein 2020, Sec. 4), run once per target.
+
+    The targets are the classes ranked 2 .. n_target_classes + 1 by the clean logits (AutoAttack
+    'standard': 9 targets, 1 restart each, 100 iterations); each target attacks only rows not fooled yet.
+    Needs at least n_target_classes + 1 and at least 4 classes.
+    """
+    images, labels, ids, attack_mask, eps, clean_logits, found = _prepare(
+        logits_fn, images, labels, example_ids, active, eps, norm)
+    n_classes = clean_logits.shape[-1]
+    if n_classes < 4 or n_target_classes + 1 > n_classes:
+        raise ValueError(f"n_target_classes={n_target_classes} needs more classes than the model's "
+                         f"{n_classes} (at most {n_classes - 1} targets, and the targeted DLR loss "
+                         "needs at least 4 classes)")
+    settings = _Settings(norm, "dlr-targeted", n_iter, rho, momentum, step_size_factor,
+                         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
+                                          checkpoint_gap_decrement))
+    keys = example_keys(key, ids)
+    for rank in range(2, n_target_classes + 2):
+        targets = losses.ranked_class(clean_logits, rank)
+        found = _apgd_restarts(logits_fn, settings, images, labels, targets, fold_keys(keys, rank),
+                               eps, attack_mask, n_restarts, found)
+    return found

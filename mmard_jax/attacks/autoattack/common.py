@@ -1,0 +1,90 @@
+"""Pieces shared by the AutoAttack attacks: norms, projections, per-example keys, argument checks."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+NORMS = ("linf", "l2")
+NORMALIZE_EPS = 1e-12  # reference: the `+ 1e-12` in APGDAttack.normalize / SquareAttack.normalize
+
+
+class AttackOutput(NamedTuple):
+    """adversarial: [B, ...] (the clean input where nothing was found); fooled: bool [B], True iff
+    `adversarial` is misclassified (clean-misclassified rows count as fooled with the clean input)."""
+    adversarial: jax.Array
+    fooled: jax.Array
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS}")
+    return norm
+
+
+def check_eps(eps: float) -> float:
+    if not eps >= 0:
+        raise ValueError(f"eps={eps!r} must be a non-negative number")
+    return float(eps)
+
+
+def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshape [B] values to broadcast against a [B, ...] array."""
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def lp_norm(delta: jax.Array, norm: str) -> jax.Array:
+    """Per-example L-inf or L2 norm of a [B, ...] array."""
+    if norm == "linf":
+        return jnp.max(jnp.abs(flat(delta)), axis=1)
+    return jnp.sqrt(jnp.sum(flat(delta) ** 2, axis=1))
+
+
+def normalize(v: jax.Array, norm: str) -> jax.Array:
+    """v / (||v|| + 1e-12) per example, as in the reference."""
+    return v / per_example(lp_norm(v, norm) + NORMALIZE_EPS, v)
+
+
+def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str) -> jax.Array:
+    """Projection onto the eps-ball around x, then clipping to [0, 1] (reference order)."""
+    delta = x_adv - x
+    if norm == "linf":
+        return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+    radius = jnp.minimum(eps, lp_norm(delta, "l2"))
+    return jnp.clip(x + normalize(delta, "l2") * per_example(radius, x), 0.0, 1.0)
+
+
+def predicted_correctly(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1) == labels
+
+
+def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """One key per example, derived from its global index: results do not depend on batching."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids)
+
+
+def fold_keys(keys: jax.Array, data: int | jax.Array) -> jax.Array:
+    """Fold the same integer (a restart, a target rank, an iteration) into every example's key."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Array, jax.Array]:
+    n = images.shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
+    mask = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
+    if ids.shape != (n,) or mask.shape != (n,):
+        raise ValueError(f"example_ids and active must have shape ({n},), got {ids.shape} and {mask.shape}")
+    return ids, mask
+
+
+def merge_success(best: AttackOutput, new: AttackOutput, attacked: jax.Array) -> AttackOutput:
+    """Keep the first success: rows attacked in this round and fooled now take the new example."""
+    take = attacked & new.fooled & ~best.fooled
+    adversarial = jnp.where(per_example(take, best.adversarial), new.adversarial, best.adversarial)
+    return AttackOutput(adversarial, best.fooled | take)

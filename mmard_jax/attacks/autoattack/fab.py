@@ -1,0 +1,211 @@
+"""FAB-T: the targeted Fast Adaptive Boundary attack, L-inf and L2.
+
+Croce & Hein (2020), "Minimally distorted adversarial examples with a fast adaptive boundary
+attack", ICML: Sec. 3.1 (projection onto the linearised decision hyperplane within the box
+[0, 1]^d), Sec. 3.2 (the step: extrapolation eta, biased combination with the projection of the
+original point, alpha_max) and Sec. 3.3 (backward step beta after each success). The targeted
+version (AutoAttack, Croce & Hein 2020, Sec. 4) linearises z_t - z_y for the classes ranked
+2 .. n_target_classes + 1 at the clean input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmard_jax.attacks.autoattack import losses
+from mmard_jax.attacks.autoattack.common import (
+    AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask, example_keys, flat,
+    fold_keys, lp_norm, merge_success, normalize, per_example, predicted_correctly)
+
+NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
+MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
+L2_TINY_WEIGHT = 1e-8   # reference projection_l2: |w| < 1e-8 counts as zero
+L2_RATIO_CLAMP = 1e12   # reference projection_l2: clamp of the breakpoints t / w
+
+
+def _safe_div(num, den):
+    return num / jnp.where(den == 0, 1.0, den)
+
+
+def _binary_search(n_features: int, go_right) -> jax.Array:
+    """Reference bisection: ceil(log2 d) halvings of [0, d - 1], moving lb up where go_right(mid)."""
+    lb, ub = jnp.int32(0), jnp.int32(n_features - 1)
+    for _ in range(math.ceil(math.log2(n_features))):
+        mid = (lb + ub) // 2
+        right = go_right(mid)
+        lb, ub = jnp.where(right, mid, lb), jnp.where(right, ub, mid)
+    return lb
+
+
+def project_hyperplane_linf(point: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """Smallest-L-inf d with <w, point + d> = b and point + d in [0, 1]^d (one example, flat vectors).
+
+    When the hyperplane cannot be reached inside the box, d moves every coordinate to the box face
+    that decreases |<w, .> - b| (FAB, Sec. 3.1).
+    """
+    sign = jnp.where(jnp.dot(w, point) - b >= 0, 1.0, -1.0)
+    w, b = w * sign, b * sign
+    towards_one = (w < 0).astype(point.dtype)
+    used = (w != 0).astype(point.dtype)
+    d_box = (towards_one - point) * used          # furthest move within the box
+    room = towards_one - point * (2 * towards_one - 1)   # |d_box| where used
+    ascending = jnp.argsort(room)
+    descending = ascending[::-1]
+    needed = b - jnp.dot(w, point)                # <w, d> must equal this (<= 0)
+    box_change = jnp.dot(w, d_box)                # <w, d> with every coordinate at its face
+    w_desc = w[descending]
+    slope = jnp.cumsum(jnp.abs(w_desc))
+    offset = jnp.cumsum(-w_desc * d_box[descending]) + box_change
+    within_smallest_room = needed - (offset[-1] - slope[-1] * room[ascending[0]]) > 0
+    reachable = (needed - box_change > 0) & ~within_smallest_room
+
+    lb = _binary_search(point.shape[0],
+                        lambda mid: needed - (offset[mid] - slope[mid] * room[descending[mid]]) > 0)
+    lam_small = jnp.maximum(_safe_div(needed - offset[-1], -slope[-1]), 0.0)
+    lam = jnp.maximum(_safe_div(needed - offset[lb], -slope[lb]), 0.0)
+    d_small = (2 * towards_one - 1) * lam_small
+    d_clipped = jnp.minimum(lam, d_box) * towards_one + jnp.maximum(-lam, d_box) * (1 - towards_one)
+    d = jnp.where(within_smallest_room, d_small, jnp.where(reachable, d_clipped, d_box))
+    return d * used
+
+
+def project_hyperplane_l2(point: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """Smallest-L2 d with <w, point + d> = b and point + d in [0, 1]^d (one example, flat vectors)."""
+    gap = jnp.dot(w, point) - b
+    sign = jnp.where(gap >= 0, 1.0, -1.0)
+    w, gap = w * sign, gap * sign
+    used = jnp.abs(w) > L2_TINY_WEIGHT
+    safe_w = jnp.where(used, w, 1.0)
+    ratio = jnp.clip(jnp.maximum(point / safe_w, (point - 1) / safe_w), -L2_RATIO_CLAMP, L2_RATIO_CLAMP)
+    ratio = jnp.where(used, ratio, L2_RATIO_CLAMP)
+    ratio = jnp.where(ratio == -L2_RATIO_CLAMP, L2_RATIO_CLAMP, ratio)
+    order = jnp.argsort(ratio)
+    r_sorted = ratio[order]
+    r_next = jnp.concatenate([r_sorted[1:], jnp.zeros((1,), r_sorted.dtype)])
+    r_sorted = jnp.where(r_sorted == L2_RATIO_CLAMP, 0.0, r_sorted)
+    r_next = jnp.where(r_next == L2_RATIO_CLAMP, 0.0, r_next)
+    w2_sorted = (w ** 2)[order]
+    w2_total = jnp.sum(w2_sorted)
+    w2_rest = w2_total - jnp.cumsum(w2_sorted)
+    d_box = -(ratio * w) * used
+    first = -w2_total * r_sorted[0]
+    s = jnp.concatenate([first[None], jnp.cumsum((r_sorted - r_next) * w2_rest) + first])
+    unclipped = s[0] + gap < 0
+    unreachable = jnp.dot(d_box, w) + gap > 0
+    between = ~(unclipped | unreachable)
+    lb = _binary_search(point.shape[0], lambda mid: s[mid] + gap > 0)
+    d_unclipped = -_safe_div(gap, w2_total) * w
+    alpha = jnp.where(w2_rest[lb] == 0, 0.0, _safe_div(s[lb] + gap, w2_rest[lb]) + r_sorted[lb])
+    saturated = (alpha > ratio).astype(point.dtype)
+    d_between = d_box * saturated - alpha * w * (1 - saturated)
+    d = jnp.where(unclipped, d_unclipped, jnp.where(between, d_between, d_box))
+    return d * used
+
+
+_PROJECTIONS = {"linf": project_hyperplane_linf, "l2": project_hyperplane_l2}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    norm: str
+    n_iter: int
+    alpha_max: float
+    eta: float
+    beta: float
+    random_start: bool
+    random_start_scale: float
+
+
+def _targeted_difference_and_grad(logits_fn, x, labels, targets):
+    """z_t - z_y per example (the reference's -(y[la] - y[la_target])) and its input gradient."""
+    def total(x_):
+        logits = logits_fn(x_)
+        diff = (jnp.take_along_axis(logits, targets[:, None], 1)
+                - jnp.take_along_axis(logits, labels[:, None], 1))[:, 0]
+        return jnp.sum(diff), diff
+    (_, diff), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return diff, grad
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
+def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys,
+                             eps, attack_mask) -> AttackOutput:
+    """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
+    s = settings
+    project = jax.vmap(_PROJECTIONS[s.norm])
+    x0 = flat(x)
+    x1 = x
+    if s.random_start:
+        sample = jax.random.uniform if s.norm == "linf" else jax.random.normal
+        kwargs = dict(minval=-1.0, maxval=1.0) if s.norm == "linf" else {}
+        noise = jax.vmap(lambda k: sample(k, x.shape[1:], x.dtype, **kwargs))(keys)
+        x1 = jnp.clip(x + s.random_start_scale * eps * normalize(noise, s.norm), 0.0, 1.0)
+    batch = x.shape[0]
+
+    def body(_, carry):
+        x1, best, best_distance = carry
+        diff, grad = _targeted_difference_and_grad(logits_fn, x1, labels, targets)
+        w = flat(grad)
+        b = -diff + jnp.sum(w * flat(x1), axis=1)
+        d1 = project(flat(x1), w, b)
+        d2 = project(x0, w, b)
+        a1 = jnp.maximum(lp_norm(d1, s.norm), MIN_STEP_NORM)
+        a2 = jnp.maximum(lp_norm(d2, s.norm), MIN_STEP_NORM)
+        alpha = jnp.clip(a1 / (a1 + a2), 0.0, s.alpha_max)[:, None]
+        x1_flat = jnp.clip((flat(x1) + s.eta * d1) * (1 - alpha) + (x0 + s.eta * d2) * alpha, 0.0, 1.0)
+        x1 = x1_flat.reshape(x.shape)
+        is_adv = ~predicted_correctly(logits_fn(x1), labels)
+        distance = lp_norm(x1 - x, s.norm)
+        closer = is_adv & (distance < best_distance)
+        best = jnp.where(per_example(closer, x), x1, best)
+        best_distance = jnp.where(closer, distance, best_distance)
+        x1 = jnp.where(per_example(is_adv, x), x + (x1 - x) * s.beta, x1)
+        return x1, best, best_distance
+
+    init = (x1, x, jnp.full((batch,), NO_DISTANCE, x.dtype))
+    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init)
+    # Reference `perturb`: a success must be misclassified and within eps.
+    candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
+    fooled = (attack_mask & ~predicted_correctly(logits_fn(candidate), labels)
+              & (lp_norm(candidate - x, s.norm) <= eps))
+    return AttackOutput(jnp.where(per_example(fooled, x), candidate, x), fooled)
+
+
+def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
+                 norm: str = "linf", n_target_classes: int = 9, n_iter: int = 100,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 random_start_scale: float = 0.5, example_ids=None, active=None) -> AttackOutput:
+    """FAB-T (FAB paper Sec. 3; AutoAttack Sec. 4) with AutoAttack's 'standard' settings as defaults.
+
+    alpha_max = 0.1 (largest weight of the original point's projection), eta = 1.05 (overshoot),
+    beta = 0.9 (backward step), 100 iterations, 9 targets (ranks 2..10 of the clean logits), 1 restart.
+    Restarts after the first start at x + random_start_scale * eps * t / ||t|| (reference: 0.5).
+    Only examples found within eps count as fooled. Needs n_target_classes + 1 <= number of classes.
+    """
+    check_norm(norm)
+    eps = jnp.float32(check_eps(eps))
+    images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    ids, mask = default_ids_and_mask(images, example_ids, active)
+    clean_logits = jax.jit(logits_fn)(images)
+    n_classes = clean_logits.shape[-1]
+    if n_target_classes + 1 > n_classes:
+        raise ValueError(f"n_target_classes={n_target_classes} needs at most {n_classes - 1} targets "
+                         f"for a model with {n_classes} classes")
+    correct = predicted_correctly(clean_logits, labels)
+    found = AttackOutput(images, mask & ~correct)
+    attack_mask = mask & correct
+    keys = example_keys(key, ids)
+    for rank in range(2, n_target_classes + 2):
+        targets = losses.ranked_class(clean_logits, rank)
+        for restart in range(n_restarts):
+            settings = _Settings(norm, n_iter, alpha_max, eta, beta, restart > 0, random_start_scale)
+            attacked = attack_mask & ~found.fooled
+            new = _fab_targeted_single_run(logits_fn, settings, images, labels, targets,
+                                           fold_keys(fold_keys(keys, rank), restart), eps, attacked)
+            found = merge_success(found, new, attacked)
+    return found

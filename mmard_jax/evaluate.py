@@ -1,0 +1,154 @@
+"""The robustness evaluation suite: clean, FGSM, PGD and CW∞ accuracy (METHOD.md §4), data-parallel.
+
+Each attack is a configuration of the one PGD engine. Evaluation batches are padded with a mask so every example of
+the split counts exactly once; batches are split over the mesh and the counts reduced by XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmard_jax import parallel, reporting
+from mmard_jax.attacks import pgd as pgd_lib
+from mmard_jax.data import augment, pipeline
+from mmard_jax.losses import cross_entropy
+from mmard_jax.networks import Network, inference_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """One evaluation attack (hashable: a static argument of the jitted evaluation)."""
+
+    name: str  # a key of ATTACKS
+    eps: float = 0.0
+    step_size: float = 0.0
+    steps: int = 0
+    kappa: float = 50.0
+    unroll: int = 1
+
+
+def _clean(spec, logits_fn, x, y, key):
+    return x
+
+
+def _fgsm(spec, logits_fn, x, y, key):
+    return pgd_lib.fgsm(lambda u: cross_entropy(logits_fn(u), y), x, key, eps=spec.eps)
+
+
+def _pgd(spec, logits_fn, x, y, key):
+    return pgd_lib.ce_attack(
+        logits_fn, x, y, key, eps=spec.eps, step_size=spec.step_size, steps=spec.steps, init="uniform", unroll=spec.unroll
+    )
+
+
+def _cw(spec, logits_fn, x, y, key):
+    return pgd_lib.cw_linf(
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=spec.eps,
+        step_size=spec.step_size,
+        steps=spec.steps,
+        kappa=spec.kappa,
+        init="uniform",
+        unroll=spec.unroll,
+    )
+
+
+ATTACKS: dict[str, Callable] = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "cw": _cw}
+
+
+def final_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
+    """The final suite of METHOD.md §4 as configured: clean, FGSM, PGD-k and CW∞ (AutoAttack runs separately)."""
+    specs = [AttackSpec("clean")]
+    if eval_cfg.fgsm:
+        specs.append(AttackSpec("fgsm", eps=eval_cfg.eps, step_size=eval_cfg.eps, steps=1))
+    if eval_cfg.pgd_steps > 0:
+        specs.append(
+            AttackSpec("pgd", eps=eval_cfg.eps, step_size=eval_cfg.pgd_step_size, steps=eval_cfg.pgd_steps, unroll=eval_cfg.unroll)
+        )
+    if eval_cfg.cw_steps > 0:
+        specs.append(
+            AttackSpec(
+                "cw",
+                eps=eval_cfg.eps,
+                step_size=eval_cfg.cw_step_size,
+                steps=eval_cfg.cw_steps,
+                kappa=eval_cfg.cw_kappa,
+                unroll=eval_cfg.unroll,
+            )
+        )
+    return tuple(specs)
+
+
+def periodic_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
+    """The cheap evaluation run during training to pick the best checkpoint: clean and PGD."""
+    steps = eval_cfg.periodic_pgd_steps
+    return (
+        AttackSpec("clean"),
+        AttackSpec("pgd", eps=eval_cfg.eps, step_size=eval_cfg.pgd_step_size, steps=steps, unroll=min(eval_cfg.unroll, steps)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "spec"))
+def correct_count(module: nn.Module, spec: AttackSpec, variables, images_uint8, labels, mask, key):
+    """How many real (mask=True) examples the model still classifies correctly under the attack."""
+    logits_fn = functools.partial(inference_logits, module, variables)
+    x = augment.to_float(images_uint8)
+    x_adv = ATTACKS[spec.name](spec, logits_fn, x, labels, key)
+    predictions = jnp.argmax(logits_fn(x_adv), axis=-1)
+    return jnp.sum((predictions == labels) & mask)
+
+
+def accuracy(
+    network: Network,
+    source,
+    specs: tuple[AttackSpec, ...],
+    mesh,
+    *,
+    batch_size: int,
+    num_examples: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """{attack name: accuracy} over the first ``num_examples`` (0 = all) examples of ``source``."""
+    count = evaluation_count(source, num_examples)
+    variables = parallel.replicate(network.variables, mesh)
+    results = {}
+    for spec in specs:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(spec.name) % (2**31))
+        correct = 0
+        batches = pipeline.eval_batches(
+            source,
+            global_batch_size=batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_examples=count,
+        )
+        bar = reporting.progress_bar(-(-count // batch_size), 0, f"eval {spec.name}", enabled=progress)
+        for index, batch in enumerate(batches):
+            images, labels, mask = parallel.global_batch(batch, mesh)
+            correct += int(correct_count(network.module, spec, variables, images, labels, mask, jax.random.fold_in(key, index)))
+            bar.update(1)
+        bar.close()
+        results[spec.name] = correct / count
+    return results
+
+
+def evaluation_count(source, num_examples: int = 0) -> int:
+    """How many examples an evaluation reads: the first ``num_examples``, or all when it is 0."""
+    return source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
+
+
+def evaluation_arrays(source, num_examples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``num_examples`` (0 = all) examples as float images in [0, 1] and labels (for AutoAttack)."""
+    count = evaluation_count(source, num_examples)
+    return source.images[:count].astype(np.float32) / 255.0, np.asarray(source.labels[:count])

@@ -1,0 +1,242 @@
+"""Method registry (METHOD.md §2–§3): a `Method` is data (pure loss functions + which views they read).
+
+The train step reads only the fields of `Method`; it never branches on a method's name. Distillation bases
+``ard``, ``iad``, ``rslad``, ``adaad`` compose with the two MMARD parts (``mmard_inner``, ``mmard_outer``) in every
+combination; ``mmard`` is AdaAD with both parts on. ``pgd_at`` and ``trades`` train teachers.
+
+Design choice (METHOD.md is silent): ``mmard_inner`` *replaces* the base's inner loss by MMARD's
+``KL(p_T(x') ‖ p_S(x')) + γ · D_T`` (attack in inference mode), while ``mmard_outer`` *adds* the triangle to the
+base's outer loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import ml_collections
+
+from mmard_jax import losses
+from mmard_jax.losses import Views
+
+__all__ = ['METHOD_NAMES', 'DISTILLATION_BASES', 'VIEW_NAMES', 'BoundLoss', 'Method', 'Views', 'bind',
+           'build_method', 'default_method_config']
+
+METHOD_NAMES = ('adaad', 'ard', 'iad', 'mmard', 'pgd_at', 'rslad', 'trades')
+DISTILLATION_BASES = ('ard', 'iad', 'rslad', 'adaad')
+VIEW_NAMES = Views._fields
+KL_REDUCTIONS = ('mean', 'batchmean', 'sum')
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundLoss:
+    """A loss function with its hyperparameters bound; hashable and equal by value (a valid static jit arg)."""
+
+    fn: Callable[..., Any]
+    hyperparameters: tuple[tuple[str, Hashable], ...] = ()
+
+    def __call__(self, *args):
+        return self.fn(*args, **dict(self.hyperparameters))
+
+
+def bind(fn: Callable[..., Any], **hyperparameters: Hashable) -> BoundLoss:
+    """``functools.partial(fn, **hyperparameters)`` that compares and hashes by value."""
+    return BoundLoss(fn, tuple(sorted(hyperparameters.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything the train step needs to know about a method.
+
+    inner_loss: ``(views, labels) -> [B]``, maximised by PGD over x'.
+    outer_loss: ``(views, labels, epoch int32 scalar) -> (scalar, {term: value})``, minimised over the student.
+    inner_views: Views fields ``inner_loss`` reads. ``*_adv`` are computed at the current x' inside the PGD loop,
+      ``*_nat`` once before the loop in inference mode and stop-gradiented (constants).
+    outer_views: Views fields ``outer_loss`` reads. ``student_*`` in train mode (batch statistics); ``teacher_*``
+      stop-gradiented (the teacher is frozen).
+    attack_student_train_mode: the student uses batch statistics during the attack (ARD/IAD).
+    needs_teacher: False for the teacher-training methods (pgd_at, trades).
+    """
+
+    name: str
+    inner_loss: Callable[[Views, Any], Any]
+    outer_loss: Callable[[Views, Any, Any], tuple[Any, dict]]
+    inner_views: frozenset[str]
+    outer_views: frozenset[str]
+    attack_student_train_mode: bool
+    needs_teacher: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and validating config.method fields
+# ----------------------------------------------------------------------------------------------------------------
+def _field(cfg: Any, field: str) -> Any:
+    try:
+        return getattr(cfg, field)
+    except (AttributeError, KeyError):
+        raise ValueError(f'config.method.{field} is missing; set it (see methods.default_method_config).') from None
+
+
+def _choice(cfg: Any, field: str, options: tuple[str, ...]) -> str:
+    value = _field(cfg, field)
+    if value not in options:
+        raise ValueError(f'config.method.{field}={value!r} is not supported; use one of {options}.')
+    return value
+
+
+def _flag(cfg: Any, field: str) -> bool:
+    value = _field(cfg, field)
+    if not isinstance(value, bool):
+        raise ValueError(f'config.method.{field}={value!r} must be True or False.')
+    return value
+
+
+def _real(cfg: Any, field: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+    """A finite float in [low, high] (or (low, high] when low_open)."""
+    value = _field(cfg, field)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'config.method.{field}={value!r} must be a number.') from None
+    too_low = number <= low if low_open else number < low
+    if not math.isfinite(number) or too_low or number > high:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f'config.method.{field}={value!r} must be a finite number in {interval}.')
+    return number
+
+
+def _count(cfg: Any, field: str) -> int:
+    value = _field(cfg, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'config.method.{field}={value!r} must be a non-negative int.')
+    return value
+
+
+def _edge_weights(cfg: Any) -> tuple[float, float, float]:
+    value = _field(cfg, 'mi_weights')
+    try:
+        weights = tuple(float(w) for w in value)
+    except (TypeError, ValueError):
+        weights = ()
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f'config.method.mi_weights={value!r} must be 3 non-negative numbers (w_ab, w_at, w_bt).')
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------------------------------------------
+def _views(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+def _teacher_training_method(name: str, cfg: Any) -> Method:
+    """PGD-AT or TRADES; TRADES' inner reads student_nat as a constant computed before the loop (inference mode)."""
+    if name == 'pgd_at':
+        inner, outer, inner_views = losses.ce_inner, losses.pgd_at_outer, _views('student_adv')
+        outer_views = _views('student_adv')
+    else:
+        inner, inner_views = losses.trades_inner, _views('student_nat', 'student_adv')
+        outer = bind(losses.trades_outer, beta=_real(cfg, 'trades_beta'),
+                     reduction=_choice(cfg, 'kl_reduction', KL_REDUCTIONS))
+        outer_views = _views('student_nat', 'student_adv')
+    return Method(name=name, inner_loss=inner, outer_loss=outer, inner_views=inner_views, outer_views=outer_views,
+                  attack_student_train_mode=False, needs_teacher=False)
+
+
+def _distillation_method(base: str, cfg: Any) -> Method:
+    """One of the distillation baselines, exactly as in METHOD.md §2."""
+    reduction = _choice(cfg, 'kl_reduction', KL_REDUCTIONS)
+    if base in ('ard', 'iad'):
+        ard_hyper = dict(alpha=_real(cfg, 'alpha', high=1.0), temperature=_real(cfg, 'temperature', low_open=True),
+                         reduction=reduction)
+        if base == 'ard':
+            outer = bind(losses.ard_outer, **ard_hyper)
+            outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
+        else:
+            outer = bind(losses.iad_outer, **ard_hyper, beta=_real(cfg, 'iad_beta'),
+                         warmup_epochs=_count(cfg, 'iad_warmup_epochs'))
+            outer_views = _views('student_nat', 'student_adv', 'teacher_nat', 'teacher_adv')
+        return Method(name=base, inner_loss=losses.ce_inner, outer_loss=outer, inner_views=_views('student_adv'),
+                      outer_views=outer_views, attack_student_train_mode=True, needs_teacher=True)
+    if base == 'rslad':
+        inner, inner_views = losses.rslad_inner, _views('student_adv', 'teacher_nat')
+        outer = bind(losses.rslad_outer, adv_weight=_real(cfg, 'rslad_adv_weight', high=1.0), reduction=reduction)
+        outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
+    else:
+        inner, inner_views = losses.adaad_inner, _views('student_adv', 'teacher_adv')
+        outer = bind(losses.adaad_outer, alpha=_real(cfg, 'alpha', high=1.0), reduction=reduction)
+        outer_views = _views('student_nat', 'student_adv', 'teacher_nat', 'teacher_adv')
+    return Method(name=base, inner_loss=inner, outer_loss=outer, inner_views=inner_views, outer_views=outer_views,
+                  attack_student_train_mode=False, needs_teacher=True)
+
+
+def _with_mmard_inner(method: Method, cfg: Any) -> Method:
+    """Replace the inner loss by MMARD's teacher-guided boundary alignment (METHOD.md §3.1)."""
+    boundary = _choice(cfg, 'boundary', losses.BOUNDARY_TERMS)
+    inner_views = _views('student_adv', 'teacher_adv') | (_views('teacher_nat') if boundary == 'kl' else _views())
+    return dataclasses.replace(
+        method, name=f'{method.name}+mmard_inner',
+        inner_loss=bind(losses.mmard_inner, gamma=_real(cfg, 'gamma'), boundary=boundary),
+        inner_views=inner_views, attack_student_train_mode=False)
+
+
+def _with_mmard_outer(method: Method, cfg: Any) -> Method:
+    """Add MMARD's natural–robust–teacher triangle to the outer loss (METHOD.md §3.2)."""
+    teacher_vertex = _choice(cfg, 'teacher_vertex', losses.TEACHER_VERTICES)
+    outer = bind(losses.mmard_outer, base_outer=method.outer_loss, beta=_real(cfg, 'mi_beta'),
+                 weights=_edge_weights(cfg), tau=_real(cfg, 'tau_mi', low_open=True),
+                 mask_same_class=_flag(cfg, 'mask_same_class'), teacher_vertex=teacher_vertex)
+    teacher_view = 'teacher_adv' if teacher_vertex == 'adversarial' else 'teacher_nat'
+    return dataclasses.replace(method, name=f'{method.name}+mmard_outer', outer_loss=outer,
+                               outer_views=method.outer_views | _views('student_nat', 'student_adv', teacher_view))
+
+
+def build_method(cfg: Any) -> Method:
+    """Build the `Method` described by ``config.method`` (any object with attribute access).
+
+    Only the fields the chosen method uses are read; a missing or invalid one raises ValueError naming
+    ``config.method.<field>``.
+    """
+    name = _choice(cfg, 'name', METHOD_NAMES)
+    add_inner = name == 'mmard' or _flag(cfg, 'mmard_inner')
+    add_outer = name == 'mmard' or _flag(cfg, 'mmard_outer')
+    if name in ('pgd_at', 'trades'):
+        if add_inner or add_outer:
+            raise ValueError(f'config.method.mmard_inner/mmard_outer must be False for config.method.name={name!r}: '
+                             f'the MMARD parts need a teacher; use a base in {DISTILLATION_BASES}.')
+        return _teacher_training_method(name, cfg)
+    method = _distillation_method('adaad' if name == 'mmard' else name, cfg)
+    if add_inner:
+        method = _with_mmard_inner(method, cfg)
+    if add_outer:
+        method = _with_mmard_outer(method, cfg)
+    return method
+
+
+def default_method_config(name: str = 'mmard') -> ml_collections.ConfigDict:
+    """``config.method`` with the reference defaults of METHOD.md §2–§3 for ``name`` (CIFAR-10 settings)."""
+    if name not in METHOD_NAMES:
+        raise ValueError(f'config.method.name={name!r} is not supported; use one of {METHOD_NAMES}.')
+    return ml_collections.ConfigDict(dict(
+        name=name,
+        mmard_inner=False,  # add MMARD's inner loss to a distillation base ('mmard' turns it on)
+        mmard_outer=False,  # add MMARD's triangle to a distillation base ('mmard' turns it on)
+        # KL reduction: 'mean' over B·C for ARD/RSLAD/AdaAD (CIFAR-10 reference code), sum/B for IAD and TRADES.
+        kl_reduction='batchmean' if name in ('iad', 'trades') else 'mean',
+        temperature=30.0 if name in ('ard', 'iad') else 1.0,  # ARD/IAD τ (ARD, CIFAR-10); unused elsewhere
+        alpha=1.0,  # ARD/IAD a and AdaAD a (CIFAR-10)
+        trades_beta=6.0,  # TRADES β (Zhang et al. 2019)
+        iad_beta=0.1,  # IAD-I reliability exponent β
+        iad_warmup_epochs=60,  # IAD-I: extra term from this epoch on (60 of 200)
+        rslad_adv_weight=5.0 / 6.0,  # RSLAD: 5/6 adversarial, 1/6 natural
+        gamma=1.0,  # MMARD γ, weight of the boundary term (our choice; METHOD.md gives none)
+        boundary='kl',  # MMARD D_T: 'kl' | 'entropy' | 'margin'
+        mi_beta=1.0,  # MMARD β, weight of the triangle (METHOD.md §3.2 starting point)
+        mi_weights=(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # w_ab, w_at, w_bt
+        tau_mi=0.5,  # InfoNCE temperature τ_mi
+        mask_same_class=True,  # drop same-label off-diagonal pairs from the InfoNCE denominators
+        teacher_vertex='adversarial',  # t = sg(T(x')) ('adversarial') or sg(T(x)) ('natural')
+    ))

@@ -1,0 +1,124 @@
+"""Small models: the TRADES MNIST ``SmallCNN``, a configurable demo ``CNN`` and an ``MLP``, NHWC.
+
+``SmallCNN`` (TRADES ``models/small_cnn.py``): conv 32, conv 32, maxpool, conv 64, conv 64, maxpool,
+fc 200, fc 200, fc C; 3x3 valid convs with bias, ReLU, 2x2 max-pools. Init as the reference
+(He-normal fan-in convs with zero bias, zero-initialised ``fc3``). Names ``conv1..conv4`` and
+``fc1..fc3`` (the PyTorch keys without their ``feature_extractor.`` / ``classifier.`` prefix). The
+features are flattened in PyTorch's channel-major (C, H, W) order, so an imported ``fc1`` weight
+needs only a transpose. The reference's dropout (0.5, after ``fc1``) is ``dropout_rate``, default 0
+here so that ``train=True`` needs no dropout key; with a rate > 0 pass ``rngs={'dropout': key}``.
+312,202 parameters for 28x28x1 input and 10 classes.
+
+``CNN``: per entry of ``widths`` a 3x3 conv (padding 1) [+ BN] + ReLU + 2x2 max-pool, then an
+optional hidden dense layer + ReLU, then the logits. ``MLP``: flatten, dense + ReLU layers, logits.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmard_jax.models.layers import (
+    KAIMING_NORMAL_FAN_IN,
+    ImageClassifier,
+    check_bool,
+    check_int_tuple,
+)
+
+
+SMALL_CNN_MIN_SIZE = 16  # four valid 3x3 convs and two 2x2 pools leave at least 2x2
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """PyTorch ``MaxPool2d(2, 2)``: non-overlapping 2x2 windows, odd remainders dropped."""
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+def flatten_channel_major(x: jax.Array) -> jax.Array:
+    """Flatten NHWC features in the (C, H, W) order of PyTorch's ``view(N, -1)`` on NCHW."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+class SmallCNN(ImageClassifier):
+    """TRADES SmallCNN. Attributes: ``dropout_rate`` after ``fc1`` (reference 0.5, default 0)."""
+
+    dropout_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dropout_rate, bool) or not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = self.conv_def(kernel_init=KAIMING_NORMAL_FAN_IN, use_bias=True)
+        dense = self.dense_def()
+        x = self.prepare_input(x)
+        if min(x.shape[1:3]) < SMALL_CNN_MIN_SIZE:
+            raise ValueError(f"small_cnn needs inputs of at least 16x16, got shape {x.shape}")
+        for index, width in enumerate((32, 32, 64, 64), start=1):
+            x = nn.relu(conv(width, (3, 3), padding=0, name=f"conv{index}")(x))
+            if index % 2 == 0:
+                x = max_pool_2x2(x)
+        x = nn.relu(dense(200, name="fc1")(flatten_channel_major(x)))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.relu(dense(200, name="fc2")(x))
+        zeros = nn.initializers.zeros
+        return dense(self.num_classes, kernel_init=zeros, name="fc3")(x)
+
+
+class CNN(ImageClassifier):
+    """Configurable small CNN for fast demos and tests.
+
+    Attributes:
+      widths: output channels of the conv stages (each halves the spatial size).
+      hidden: width of the dense layer before the logits; 0 = none.
+      use_bn: BatchNorm after each conv (the convs then have no bias).
+    """
+
+    widths: tuple[int, ...] = (16, 32)
+    hidden: int = 64
+    use_bn: bool = False
+
+    def __post_init__(self) -> None:
+        check_int_tuple("widths", self.widths, allow_empty=False)
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
+            raise ValueError(f"hidden must be an int >= 0 (0 = no hidden layer), got {self.hidden!r}")
+        check_bool("use_bn", self.use_bn)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv, norm, dense = self.conv_def(use_bias=not self.use_bn), self.norm_def(train), self.dense_def()
+        x = self.prepare_input(x)
+        for index, width in enumerate(self.widths):
+            if min(x.shape[1:3]) < 2:
+                raise ValueError(f"widths={self.widths} has too many stages for input shape {x.shape}")
+            x = conv(width, (3, 3), padding=1, name=f"conv_{index}")(x)
+            if self.use_bn:
+                x = norm(name=f"bn_{index}")(x)
+            x = max_pool_2x2(nn.relu(x))
+        x = x.reshape(x.shape[0], -1)
+        if self.hidden:
+            x = nn.relu(dense(self.hidden, name="hidden")(x))
+        return dense(self.num_classes, name="head")(x)
+
+
+class MLP(ImageClassifier):
+    """Flatten, then ``dense + ReLU`` per entry of ``hidden``, then the logits."""
+
+    hidden: tuple[int, ...] = (128,)
+
+    def __post_init__(self) -> None:
+        check_int_tuple("hidden", self.hidden, allow_empty=True)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dense = self.dense_def()
+        x = self.prepare_input(x)
+        x = x.reshape(x.shape[0], -1)
+        for index, width in enumerate(self.hidden):
+            x = nn.relu(dense(width, name=f"dense_{index}")(x))
+        return dense(self.num_classes, name="head")(x)

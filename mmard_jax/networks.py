@@ -1,0 +1,55 @@
+"""Networks as (module, variables) pairs built from a config's model section."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mmard_jax.models import create_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Network(NamedTuple):
+    """A Flax module with its variables ({'params': ..., 'batch_stats': ...})."""
+
+    module: nn.Module
+    variables: Any
+
+
+def build_module(model_cfg, num_classes: int, *, dtype: str = "float32", bn_axis_name: str | None = None) -> nn.Module:
+    """The Linen module a config's model section describes."""
+    return create_model(
+        model_cfg.name,
+        num_classes,
+        dtype=DTYPES[dtype],
+        mean=tuple(model_cfg.mean) or None,
+        std=tuple(model_cfg.std) or None,
+        bn_axis_name=bn_axis_name,
+        **model_cfg.kwargs.to_dict(),
+    )
+
+
+def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]) -> dict:
+    """Fresh variables for one image shape (H, W, C); 'batch_stats' is {} for models without BatchNorm."""
+    variables = module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def abstract_variables(module: nn.Module, image_shape: tuple[int, int, int]) -> dict:
+    """Shapes and dtypes of :func:`init_variables`, without computing anything."""
+    return jax.eval_shape(functools.partial(init_variables, module, image_shape=image_shape), jax.random.PRNGKey(0))
+
+
+def inference_logits(module: nn.Module, variables, x):
+    """Logits with BatchNorm in inference mode (running statistics)."""
+    return module.apply(variables, x, train=False)
+
+
+def logits_function(network: Network):
+    """x -> logits for a frozen network in inference mode (what attacks and evaluation call)."""
+    return functools.partial(inference_logits, network.module, network.variables)

@@ -1,0 +1,158 @@
+"""What a user sees: metrics as JSONL and TensorBoard events, a progress bar, training curves and result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends {'kind', 'step', ...values} lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    Only process 0 writes; other processes get a log that discards everything.
+    """
+
+    def __init__(self, directory: str, *, tensorboard: bool = True):
+        self.path = os.path.join(directory, METRICS_FILE)
+        self.enabled = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if self.enabled:
+            os.makedirs(directory, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in record.items():
+                if name not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{name}", value, int(step))
+
+    def read(self, kind: str) -> list[dict]:
+        """Records of one kind written so far (also by an earlier, resumed run), the last one per step."""
+        return read_metrics(self.path, kind)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(value):
+    try:
+        return float(value) if not isinstance(value, (str, bool, int)) else value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def read_metrics(path: str, kind: str) -> list[dict]:
+    """Records of ``kind`` in a metrics.jsonl file; a step logged twice (before and after a resume) keeps its last."""
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("kind") == kind:
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def write(self, text):
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, initial: int, description: str, *, enabled: bool = True):
+    """A tqdm bar (steps, rate, ETA) on process 0; a silent stand-in elsewhere or when disabled."""
+    if not enabled or jax.process_index() != 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+
+
+def epoch_line(name: str, record: dict) -> str:
+    """One line per epoch for the console."""
+    parts = [f"{name} epoch {record['epoch']}"]
+    for key in ("train_loss", "train_accuracy_adv", "train_accuracy_nat", "clean_acc", "pgd_acc", "lr"):
+        if key in record:
+            parts.append(f"{key}={record[key]:.4g}")
+    return "  ".join(parts)
+
+
+def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
+    """A PNG with training loss, clean accuracy and PGD accuracy per epoch, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("train_loss", "training loss"), ("clean_acc", "clean accuracy"), ("pgd_acc", "PGD accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for name, records in histories.items():
+            points = [(r["epoch"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+ATTACK_TITLES = {
+    "clean": "Clean",
+    "fgsm": "FGSM",
+    "pgd": "PGD",
+    "cw": "CW∞",
+    "autoattack": "AutoAttack",
+}
+
+
+def results_markdown(results: dict[str, dict], *, title: str, notes: list[str] = ()) -> str:
+    """A table in the papers' format: one row per model, accuracy (%) under each attack."""
+    columns = [c for c in ATTACK_TITLES if any(c in r["accuracy"] for r in results.values())]
+    lines = [f"## {title}", ""]
+    lines.append("| model | " + " | ".join(ATTACK_TITLES[c] for c in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for name, result in results.items():
+        cells = [f"{100 * result['accuracy'][c]:.2f}" if c in result["accuracy"] else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"- {note}" for note in notes)
+    return "\n".join(lines) + "\n"
