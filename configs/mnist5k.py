@@ -50,7 +50,7 @@ def get_config():
     config.eval.pgd_step_size = 0.01
     config.eval.cw_step_size = 0.01
     config.eval.unroll = 10
-    config.eval.batch_size = 500
+    config.eval.batch_size = 200
     config.checkpoint.every_steps = 200
     config.log.every_steps = 20
     return config

@@ -10,7 +10,7 @@ import math
 
 import ml_collections
 
-DATA_SOURCES = ("mnist5k", "digits", "tfds", "cifar_archive")
+from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
 KL_REDUCTIONS = ("mean", "batchmean", "sum")
 BOUNDARY_TERMS = ("kl", "entropy", "margin")
 TEACHER_VERTICES = ("adversarial", "natural")
@@ -183,7 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
         {
             "sync_batch_stats": True,  # BatchNorm statistics over the global batch (axis 'data')
             "coordinator_address": "",  # multi-host: 'host:port' of process 0 ('' = single process or auto-detect)
-            "num_processes": 0,  # multi-host: number of processes (0 = auto)
+            "num_processes": 0,  # multi-host: number of processes (0 = one process; -1 = detect on TPU/SLURM)
             "process_id": -1,  # multi-host: this process's index (-1 = auto)
         }
     )
@@ -290,12 +290,12 @@ def validate(config, device_count: int = 1) -> None:
     _check_method("teacher.method", config.teacher.method, teacher_free=True)
     _check_attack("teacher.attack", config.teacher.attack)
     _check_optim("teacher.optim", config.teacher.optim, device_count)
+    _check_method("method", config.method)
     from mmard_jax.methods import METHOD_NAMES
 
     for name in student_methods(config):
         if name not in METHOD_NAMES:
             _fail("baselines", f"unknown method {name!r}; valid methods: {', '.join(METHOD_NAMES)}")
-    _check_method("method", config.method)
     if config.method.name in TEACHER_FREE_METHODS and (config.method.mmard_inner or config.method.mmard_outer):
         _fail("method.mmard_inner", f"MMARD parts need a distillation base, not {config.method.name!r}")
     _check_attack("attack", config.attack)

@@ -16,13 +16,11 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import ml_collections
-
 from mmard_jax import losses
 from mmard_jax.losses import Views
 
 __all__ = ['METHOD_NAMES', 'DISTILLATION_BASES', 'VIEW_NAMES', 'BoundLoss', 'Method', 'Views', 'bind',
-           'build_method', 'default_method_config']
+           'build_method']
 
 METHOD_NAMES = ('adaad', 'ard', 'iad', 'mmard', 'pgd_at', 'rslad', 'trades')
 DISTILLATION_BASES = ('ard', 'iad', 'rslad', 'adaad')
@@ -76,7 +74,7 @@ def _field(cfg: Any, field: str) -> Any:
     try:
         return getattr(cfg, field)
     except (AttributeError, KeyError):
-        raise ValueError(f'config.method.{field} is missing; set it (see methods.default_method_config).') from None
+        raise ValueError(f'config.method.{field} is missing; set it (defaults: mmard_jax.config.method_config).') from None
 
 
 def _choice(cfg: Any, field: str, options: tuple[str, ...]) -> str:
@@ -204,9 +202,10 @@ def build_method(cfg: Any) -> Method:
     add_inner = name == 'mmard' or _flag(cfg, 'mmard_inner')
     add_outer = name == 'mmard' or _flag(cfg, 'mmard_outer')
     if name in ('pgd_at', 'trades'):
-        if add_inner or add_outer:
-            raise ValueError(f'config.method.mmard_inner/mmard_outer must be False for config.method.name={name!r}: '
-                             f'the MMARD parts need a teacher; use a base in {DISTILLATION_BASES}.')
+        for field, added in (('mmard_inner', add_inner), ('mmard_outer', add_outer)):
+            if added:
+                raise ValueError(f'config.method.{field} must be False for config.method.name={name!r}: the MMARD '
+                                 f'parts need a teacher; use a base in {DISTILLATION_BASES}.')
         return _teacher_training_method(name, cfg)
     method = _distillation_method('adaad' if name == 'mmard' else name, cfg)
     if add_inner:
@@ -214,29 +213,3 @@ def build_method(cfg: Any) -> Method:
     if add_outer:
         method = _with_mmard_outer(method, cfg)
     return method
-
-
-def default_method_config(name: str = 'mmard') -> ml_collections.ConfigDict:
-    """``config.method`` with the reference defaults of METHOD.md §2–§3 for ``name`` (CIFAR-10 settings)."""
-    if name not in METHOD_NAMES:
-        raise ValueError(f'config.method.name={name!r} is not supported; use one of {METHOD_NAMES}.')
-    return ml_collections.ConfigDict(dict(
-        name=name,
-        mmard_inner=False,  # add MMARD's inner loss to a distillation base ('mmard' turns it on)
-        mmard_outer=False,  # add MMARD's triangle to a distillation base ('mmard' turns it on)
-        # KL reduction: 'mean' over B·C for ARD/RSLAD/AdaAD (CIFAR-10 reference code), sum/B for IAD and TRADES.
-        kl_reduction='batchmean' if name in ('iad', 'trades') else 'mean',
-        temperature=30.0 if name in ('ard', 'iad') else 1.0,  # ARD/IAD τ (ARD, CIFAR-10); unused elsewhere
-        alpha=1.0,  # ARD/IAD a and AdaAD a (CIFAR-10)
-        trades_beta=6.0,  # TRADES β (Zhang et al. 2019)
-        iad_beta=0.1,  # IAD-I reliability exponent β
-        iad_warmup_epochs=60,  # IAD-I: extra term from this epoch on (60 of 200)
-        rslad_adv_weight=5.0 / 6.0,  # RSLAD: 5/6 adversarial, 1/6 natural
-        gamma=1.0,  # MMARD γ, weight of the boundary term (our choice; METHOD.md gives none)
-        boundary='kl',  # MMARD D_T: 'kl' | 'entropy' | 'margin'
-        mi_beta=1.0,  # MMARD β, weight of the triangle (METHOD.md §3.2 starting point)
-        mi_weights=(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # w_ab, w_at, w_bt
-        tau_mi=0.5,  # InfoNCE temperature τ_mi
-        mask_same_class=True,  # drop same-label off-diagonal pairs from the InfoNCE denominators
-        teacher_vertex='adversarial',  # t = sg(T(x')) ('adversarial') or sg(T(x)) ('natural')
-    ))

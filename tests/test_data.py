@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from mmard_jax.config import base_config
 from mmard_jax.data import augment, pipeline, sources
 
 # ----------------------------------------------------------------------------------------------
@@ -20,7 +21,7 @@ from mmard_jax.data import augment, pipeline, sources
 
 
 def _config(**overrides):
-    cfg = sources.default_config()
+    cfg = base_config().data
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -153,7 +154,7 @@ def test_cifar_archive_reads_python2_pickles(tmp_path):
 
 
 def test_cifar_archive_checksum_mismatch_is_refused(tiny_cifar10):
-    path, sha256, md5, _, _ = tiny_cifar10
+    path, sha256, _, _, _ = tiny_cifar10
     with pytest.raises(ValueError, match="not the official"):
         sources.read_cifar_archive(path, "cifar10")  # official digests
     with pytest.raises(ValueError, match="MD5"):
@@ -276,7 +277,7 @@ def test_stratified_split_uneven_share_and_bad_size():
 def test_holdout_is_fixed_and_validated():
     train = _indexed_source(20)
     kept, held = sources.split_holdout(train, 6)
-    kept_again, held_again = sources.split_holdout(train, 6)
+    _, held_again = sources.split_holdout(train, 6)
     np.testing.assert_array_equal(held.labels, held_again.labels)
     assert sorted(np.concatenate([kept.labels, held.labels]).tolist()) == list(range(20))
     np.testing.assert_array_equal(_decode_index(held.images), held.labels)
@@ -324,7 +325,7 @@ def test_epochs_shuffle_differently_and_reproducibly():
 
 def test_start_step_resumes_exactly():
     src = _indexed_source(50)
-    kwargs = dict(global_batch_size=6, seed=7, epoch=2, process_index=1, process_count=3)
+    kwargs = {"global_batch_size": 6, "seed": 7, "epoch": 2, "process_index": 1, "process_count": 3}
     full = [labels for _, labels in pipeline.train_batches(src, **kwargs)]
     resumed = [labels for _, labels in pipeline.train_batches(src, start_step=5, **kwargs)]
     assert len(resumed) == len(full) - 5

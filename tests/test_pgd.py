@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from mmard_jax.attacks import ce_attack, cw_linf, fgsm, pgd
+from mmard_jax.attacks import ce_attack, cw_linf, fgsm, pgd, random_start
 from mmard_jax.losses import cross_entropy
 
 BATCH, SHAPE, CLASSES = 8, (4, 4, 1), 3
 EPS, STEP = 0.1, 0.03
+
+
+def make_key(seed):
+    """An 'rbg' PRNG key: the engine takes any key; threefry's XLA:CPU compile would dominate this file's runtime.
+
+    (rbg bits may depend on sharding and batching, so the shard_map test uses threefry.)
+    """
+    return jax.random.key(seed, impl='rbg')
 
 
 def _fixed_network():
@@ -46,10 +54,11 @@ def _per_example_distance(a, b, norm):
 @pytest.mark.parametrize('init', ['none', 'normal', 'uniform'])
 def test_stays_in_ball_and_unit_box(norm, init):
     eps = EPS if norm == 'linf' else 0.5
-    attack = jax.jit(functools.partial(pgd, ce_loss, eps=eps, step_size=eps / 2, init=init, init_scale=0.3,
-                                       norm=norm), static_argnames='steps')
-    for steps in (0, 1, 4):
-        x_adv = np.asarray(attack(X, jax.random.key(steps), steps=steps))
+    step_counts = (0, 1, 4)
+    attack = functools.partial(pgd, ce_loss, eps=eps, step_size=eps / 2, init=init, init_scale=0.3, norm=norm)
+    results = jax.jit(lambda x, key: [attack(x, key, steps=steps) for steps in step_counts])(X, make_key(0))
+    for steps, x_adv in zip(step_counts, results, strict=True):
+        x_adv = np.asarray(x_adv)
         assert (x_adv >= 0).all() and (x_adv <= 1).all()
         assert (_per_example_distance(x_adv, X, norm) <= eps + 1e-5).all()
         if steps or init != 'none':
@@ -57,16 +66,17 @@ def test_stays_in_ball_and_unit_box(norm, init):
 
 
 def test_steps_zero_is_projected_start():
-    key = jax.random.key(3)
+    key = make_key(3)
     np.testing.assert_array_equal(pgd(ce_loss, X, None, eps=EPS, step_size=STEP, steps=0, init='none'), X)
-    start = pgd(ce_loss, X, key, eps=EPS, step_size=STEP, steps=0, init='normal', init_scale=1.0)
-    noise = jax.random.normal(key, X.shape, X.dtype)
+    start = pgd(ce_loss, X, key, eps=EPS, step_size=STEP, steps=0, init='normal', init_scale=0.05)
+    noise = 0.05 * np.asarray(jax.random.normal(key, X.shape, X.dtype))
+    assert np.abs(noise).max() > EPS  # some noise is cut by the ball
     np.testing.assert_allclose(start, np.clip(np.clip(noise, -EPS, EPS) + X, 0, 1), atol=1e-6)
 
 
 def test_uniform_init_covers_the_ball():
     x = jnp.full((256, 4), 0.5)
-    start = np.asarray(pgd(lambda z: z.sum(-1), x, jax.random.key(0), eps=0.2, step_size=0.0, steps=0))
+    start = np.asarray(pgd(lambda z: z.sum(-1), x, make_key(0), eps=0.2, step_size=0.0, steps=0))
     delta = start - 0.5
     assert np.abs(delta).max() <= 0.2 + 1e-6 and np.abs(delta).max() > 0.19
     assert abs(delta.mean()) < 0.02 and abs(delta.std() - 0.2 / np.sqrt(3)) < 0.01  # U(−ε, ε): std ε/√3
@@ -100,7 +110,7 @@ def test_linear_model_multi_step_saturates_at_eps():
 
 def test_rolled_and_unrolled_agree_and_jit_matches_eager():
     kwargs = dict(eps=EPS, step_size=STEP, steps=5, init='uniform')
-    key = jax.random.key(1)
+    key = make_key(1)
     rolled = pgd(ce_loss, X, key, unroll=1, **kwargs)
     unrolled = pgd(ce_loss, X, key, unroll=True, **kwargs)
     partly = pgd(ce_loss, X, key, unroll=2, **kwargs)
@@ -119,14 +129,34 @@ def test_vmap_over_batches_matches_loop():
         np.testing.assert_allclose(mapped[i], attack(xs[i]), atol=1e-6)
 
 
+def per_example_starts(keys, x):
+    """Uniform starts drawn with one key per example, so they do not depend on how the batch is split."""
+    return jax.vmap(lambda k, xi: random_start(k, xi[None], eps=EPS)[0])(keys, x)
+
+
 def test_shard_map_over_8_devices_matches_single_device():
     devices = jax.devices()
     assert len(devices) == 8, 'conftest sets 8 host CPU devices'
     mesh = Mesh(np.array(devices), ('data',))
-    attack = functools.partial(ce_attack, LOGITS_FN, eps=EPS, step_size=STEP, steps=4, init='none', key=None)
-    sharded = jax.jit(jax.shard_map(lambda x, y: attack(x, y), mesh=mesh, in_specs=PartitionSpec('data'),
+
+    def attack(x, y, keys):
+        return ce_attack(LOGITS_FN, x, y, None, eps=EPS, step_size=STEP, steps=4, init='none',
+                         x_init=per_example_starts(keys, x))
+
+    keys = jax.random.split(jax.random.key(5), BATCH)  # threefry: its bits do not depend on the sharding
+    sharded = jax.jit(jax.shard_map(attack, mesh=mesh, in_specs=PartitionSpec('data'),
                                     out_specs=PartitionSpec('data')))
-    np.testing.assert_allclose(sharded(X, Y), attack(X, Y), atol=1e-6)
+    single = attack(X, Y, keys)
+    np.testing.assert_allclose(sharded(X, Y, keys), single, atol=1e-6)
+    assert np.abs(np.asarray(single - X)).max() > EPS / 2
+
+
+def test_x_init_is_projected_and_needs_init_none():
+    far = X + 5.0 * jnp.sign(jnp.arange(X.size, dtype=jnp.float32).reshape(X.shape) % 2 - 0.5)
+    start = pgd(ce_loss, X, None, eps=EPS, step_size=STEP, steps=0, init='none', x_init=far)
+    np.testing.assert_allclose(start, np.clip(np.clip(far - X, -EPS, EPS) + X, 0, 1), atol=1e-6)
+    with pytest.raises(ValueError, match='x_init'):
+        pgd(ce_loss, X, make_key(0), eps=EPS, step_size=STEP, steps=1, init='uniform', x_init=X)
 
 
 def test_result_is_stop_gradiented():
@@ -160,7 +190,7 @@ def test_cw_linf_lowers_margin_and_respects_kappa():
     (dict(step_size=-1.0), 'step_size'), (dict(steps=2.5), 'steps'), (dict(unroll=0), 'unroll'),
     (dict(init='uniform', key=None), 'key')])
 def test_invalid_arguments_raise(kwargs, field):
-    arguments = dict(eps=EPS, step_size=STEP, steps=2, init='none', key=jax.random.key(0)) | kwargs
+    arguments = dict(eps=EPS, step_size=STEP, steps=2, init='none', key=make_key(0)) | kwargs
     key = arguments.pop('key')
     with pytest.raises(ValueError, match=field):
         pgd(ce_loss, X, key, **arguments)

@@ -5,7 +5,6 @@ from mmard_jax.data.pipeline import eval_batches, prefetch, steps_per_epoch, tra
 from mmard_jax.data.sources import (
     ArraySource,
     Dataset,
-    default_config,
     load_dataset,
     make_source,
     read_cifar_archive,
@@ -16,7 +15,6 @@ __all__ = [
     "Dataset",
     "augment_batch",
     "augment_image",
-    "default_config",
     "eval_batches",
     "load_dataset",
     "make_source",

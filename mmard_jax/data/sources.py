@@ -24,10 +24,8 @@ import tempfile
 import urllib.request
 from typing import Any, NamedTuple
 
-import ml_collections
 import numpy as np
 
-VALID_SOURCES = ("mnist5k", "digits", "tfds", "cifar_archive")
 SPLIT_SEED = 0  # seed of the stratified test split and of the holdout permutation
 DIGITS_MAX_TEST_FRACTION = 0.2  # digits: test size = min(mnist5k_test_size, 20% of N)
 DEFAULT_ARCHIVE_DIR = os.path.join("~", ".cache", "mmard_jax")
@@ -70,31 +68,6 @@ def make_source(images: np.ndarray, labels: np.ndarray) -> ArraySource:
 def subset(src: ArraySource, indices: np.ndarray) -> ArraySource:
     """The examples of `src` at `indices`, in that order."""
     return ArraySource(images=src.images[indices], labels=src.labels[indices])
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """`config.data` with every field this module reads, at its default value."""
-    cfg = ml_collections.ConfigDict()
-    cfg.source = "mnist5k"  # one of VALID_SOURCES
-    cfg.name = "cifar10"  # tfds: any TFDS name; cifar_archive: 'cifar10' | 'cifar100'
-    cfg.data_dir = ""  # TFDS data_dir ('' = TFDS default)
-    cfg.archive_dir = ""  # folder of the official CIFAR archive ('' = ~/.cache/mmard_jax)
-    cfg.download = False  # cifar_archive: download the official archive when missing
-    cfg.train_split = "train"  # tfds only
-    cfg.test_split = "test"  # tfds only
-    cfg.holdout_size = 0  # > 0: carve this many examples out of train (model selection)
-    cfg.mnist5k_test_size = 1000  # stratified test split size (mnist5k; digits capped at 20%)
-    return cfg
-
-
-def _field(data_cfg: Any, name: str) -> Any:
-    """`data_cfg.<name>`, or its default when the config does not define it."""
-    return getattr(data_cfg, name, default_config()[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +134,7 @@ def _load_mnist5k(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
 
     features, labels = mnist_data()  # float 0..255 [5000, 784]
     images = np.rint(features).astype(np.uint8).reshape(-1, 28, 28, 1)
-    train, test = _split_in_memory(images, labels, int(_field(data_cfg, "mnist5k_test_size")))
+    train, test = _split_in_memory(images, labels, int(data_cfg.mnist5k_test_size))
     return train, test, 10
 
 
@@ -171,7 +144,7 @@ def _load_digits(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     digits = load_digits()  # float 0..16 [1797, 8, 8]
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     cap = int(DIGITS_MAX_TEST_FRACTION * images.shape[0])
-    test_size = min(int(_field(data_cfg, "mnist5k_test_size")), cap)
+    test_size = min(int(data_cfg.mnist5k_test_size), cap)
     train, test = _split_in_memory(images, digits.target, test_size)
     return train, test, 10
 
@@ -213,7 +186,7 @@ def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     import tensorflow_datasets as tfds
 
     name = str(data_cfg.name)
-    data_dir = str(_field(data_cfg, "data_dir"))
+    data_dir = str(data_cfg.data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as err:
@@ -226,8 +199,8 @@ def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
             raise FileNotFoundError(_tfds_missing_message(name, data_dir)) from err
         return _read_tfds_split(source)
 
-    train = read(str(_field(data_cfg, "train_split")))
-    test = read(str(_field(data_cfg, "test_split")))
+    train = read(str(data_cfg.train_split))
+    test = read(str(data_cfg.test_split))
     return train, test, int(builder.info.features["label"].num_classes)
 
 
@@ -386,10 +359,10 @@ def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str
 
 def _load_cifar_archive(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     spec = archive_spec(str(data_cfg.name))
-    archive_dir = os.path.expanduser(str(_field(data_cfg, "archive_dir")) or DEFAULT_ARCHIVE_DIR)
+    archive_dir = os.path.expanduser(str(data_cfg.archive_dir) or DEFAULT_ARCHIVE_DIR)
     path = os.path.join(archive_dir, spec.filename)
     if not os.path.exists(path):
-        if not _field(data_cfg, "download"):
+        if not data_cfg.download:
             raise FileNotFoundError(
                 f"{spec.filename} not found in config.data.archive_dir={archive_dir}. Fetch it from {spec.url} "
                 f"with --config.data.download=True, or run\n  curl -L -o {path} {spec.url}")
@@ -407,17 +380,22 @@ _LOADERS = {
     "tfds": _load_tfds,
     "cifar_archive": _load_cifar_archive,
 }
+VALID_SOURCES = tuple(_LOADERS)
 
 
 def load_dataset(data_cfg: Any) -> Dataset:
-    """Loads the `Dataset` that `config.data` describes (see `default_config` for the fields)."""
+    """Loads the `Dataset` that `config.data` describes.
+
+    Fields read (attribute access): source, name, data_dir, archive_dir, download, train_split,
+    test_split, holdout_size, mnist5k_test_size (see `mmard_jax.config.base_config`).
+    """
     source = str(data_cfg.source)
     if source not in _LOADERS:
         raise ValueError(f"config.data.source={source!r} is unknown; valid values: {list(VALID_SOURCES)}")
     train, test, num_classes = _LOADERS[source](data_cfg)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise ValueError(f"train and test images differ in shape: {train.images.shape} vs {test.images.shape}")
-    train, holdout = split_holdout(train, int(_field(data_cfg, "holdout_size")))
+    train, holdout = split_holdout(train, int(data_cfg.holdout_size))
     height, width, channels = train.images.shape[1:]
     return Dataset(train=train, test=test, num_classes=num_classes,
                    image_shape=(int(height), int(width), int(channels)), holdout=holdout)

@@ -103,7 +103,8 @@ def create_model(
             )
         if key not in allowed:
             raise ValueError(
-                f"unknown kwarg {key!r} for model {name!r}; valid kwargs: {', '.join(allowed) or 'none'}"
+                f"unknown kwarg {key!r} for model {name!r}; "
+                f"valid kwargs: {', '.join(allowed) or 'none'}"
             )
     options = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
     return module_class(

@@ -42,7 +42,10 @@ def block_specs() -> list[tuple[int, int, int]]:
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand + BN + ReLU -> 3x3 depthwise + BN + ReLU -> 1x1 project + BN (+ shortcut at stride 1)."""
+    """1x1 expand + BN + ReLU -> 3x3 depthwise + BN + ReLU -> 1x1 project + BN.
+
+    Stride-1 blocks add a shortcut: ``x``, or a 1x1 conv + BN of ``x`` when the width changes.
+    """
 
     expansion: int
     features: int
@@ -78,6 +81,8 @@ class MobileNetV2(ImageClassifier):
         x = self.prepare_input(x)
         x = nn.relu(norm(name="bn1")(conv(STEM_WIDTH, (3, 3), padding=1, name="conv1")(x)))
         for index, (expansion, width, stride) in enumerate(block_specs()):
-            x = InvertedResidual(expansion, width, stride, conv=conv, norm=norm, name=f"layers_{index}")(x)
+            x = InvertedResidual(
+                expansion, width, stride, conv=conv, norm=norm, name=f"layers_{index}"
+            )(x)
         x = nn.relu(norm(name="bn2")(conv(HEAD_WIDTH, (1, 1), padding=0, name="conv2")(x)))
         return self.dense_def()(self.num_classes, name="linear")(global_avg_pool(x))

@@ -90,7 +90,8 @@ class CNN(ImageClassifier):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv, norm, dense = self.conv_def(use_bias=not self.use_bn), self.norm_def(train), self.dense_def()
+        conv, norm = self.conv_def(use_bias=not self.use_bn), self.norm_def(train)
+        dense = self.dense_def()
         x = self.prepare_input(x)
         for index, width in enumerate(self.widths):
             if min(x.shape[1:3]) < 2:

@@ -40,7 +40,7 @@ STEM_WIDTH = 16
 def blocks_per_group(depth: int) -> int:
     """``n`` for ``depth = 6n + 4``; ValueError naming ``depth`` otherwise."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"depth must be an int 6n+4 with n >= 1 (10, 16, 28, 34, 70...), got {depth!r}")
+        raise ValueError(f"depth must be an int 6n+4 with n >= 1 (10, 16, 28, 34, 70), got {depth!r}")
     return (depth - 4) // 6
 
 

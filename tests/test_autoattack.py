@@ -1,0 +1,329 @@
+"""Tests of the JAX AutoAttack: losses, schedules, projections, the four attacks and the runner.
+
+A tiny MLP is trained for about a second on sklearn's bundled 8x8 digits; attacks run with reduced
+iteration counts passed as parameters.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.optimize import linprog
+from sklearn.datasets import load_digits
+
+from mmard_jax.attacks.autoattack import (
+    apgd, apgd_checkpoints, apgd_targeted, dlr_loss, fab_targeted, margin_loss,
+    project_hyperplane_l2, project_hyperplane_linf, run_autoattack, square_attack, square_sizes,
+    targeted_dlr_loss, verify_adversarial)
+from mmard_jax.attacks.autoattack import runner as runner_module
+
+EPS = 0.1
+FAST = dict(apgd_ce=dict(n_iter=10), apgd_t=dict(n_iter=10, n_target_classes=3),
+            fab_t=dict(n_iter=10, n_target_classes=3), square=dict(n_queries=100))
+N_EVAL = 48
+
+
+def _mlp(params, x):
+    hidden = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    images = (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    return images, data.target.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def model(digits):
+    """logits_fn of an MLP trained on 1,500 digits (about 97% test accuracy)."""
+    images, labels = digits
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = dict(w1=jax.random.normal(k1, (64, 64)) * 0.125, b1=jnp.zeros(64),
+                  w2=jax.random.normal(k2, (64, 10)) * 0.125, b2=jnp.zeros(10))
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                _mlp(p, images[:1500]), labels[:1500]).mean()
+        grads = jax.grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for _ in range(300):
+        params, opt_state = step(params, opt_state)
+    return functools.partial(_mlp, params)
+
+
+@pytest.fixture(scope="module")
+def eval_set(digits):
+    images, labels = digits
+    return images[1500:1500 + N_EVAL], labels[1500:1500 + N_EVAL]
+
+
+@pytest.fixture(scope="module")
+def autoattack_result(model, eval_set):
+    return run_autoattack(model, *eval_set, eps=EPS, batch_size=64, log=None, **FAST)
+
+
+def _accuracy(logits_fn, images, labels):
+    return float(np.mean(np.argmax(np.asarray(logits_fn(jnp.asarray(images))), -1) == labels))
+
+
+def _assert_in_ball_and_box(adversarial, images, eps, norm="linf"):
+    delta = (np.asarray(adversarial) - images).reshape(len(images), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    assert size.max() <= eps + 1e-6
+    assert np.asarray(adversarial).min() >= 0.0 and np.asarray(adversarial).max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- losses and schedules
+def test_dlr_losses_equal_hand_computed_values():
+    logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0],     # label 0 is the top class
+                       [1.0, 4.0, 0.5, 2.0, 3.0]], np.float32)  # label 0 is not the top class
+    labels = np.array([0, 0])
+    targets = np.array([2, 4])
+    # DLR: -(z_y - max_{j != y} z_j) / (z_(1) - z_(3)); sorted rows: [3,2,1,0,-1], [4,3,2,1,0.5].
+    expected_dlr = [-(3.0 - 2.0) / (3.0 - 1.0), -(1.0 - 4.0) / (4.0 - 2.0)]
+    # targeted DLR: -(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2).
+    expected_targeted = [-(3.0 - 2.0) / (3.0 - 0.5 * (1.0 + 0.0)), -(1.0 - 3.0) / (4.0 - 0.5 * (2.0 + 1.0))]
+    expected_margin = [3.0 - 2.0, 1.0 - 4.0]
+    np.testing.assert_allclose(dlr_loss(jnp.asarray(logits), jnp.asarray(labels)), expected_dlr, rtol=1e-6)
+    np.testing.assert_allclose(targeted_dlr_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                                 jnp.asarray(targets)), expected_targeted, rtol=1e-6)
+    np.testing.assert_allclose(margin_loss(jnp.asarray(logits), jnp.asarray(labels)), expected_margin)
+
+
+def test_apgd_checkpoints_follow_the_papers_schedule():
+    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) -> checks after
+    # 22, 41, 57, 70, 80, 87, 93, 99 iterations (0-based index one less), windows the gaps.
+    checkpoints = apgd_checkpoints(100)
+    assert [c[0] for c in checkpoints] == [21, 40, 56, 69, 79, 86, 92, 98]
+    assert [c[1] for c in checkpoints] == [22, 19, 16, 13, 10, 7, 6, 6]
+
+
+def test_square_sizes_follow_the_p_schedule():
+    sizes = square_sizes(5000, 28, 28)
+    # s = round(sqrt(p * 784)) with p = 0.8 / 2^k after iterations 10, 50, 200, 500, 1000, 2000, 4000.
+    expected = {0: 25, 10: 25, 11: 18, 50: 18, 51: 13, 201: 9, 501: 6, 1001: 4, 2001: 3, 4001: 2}
+    assert {i: int(sizes[i]) for i in expected} == expected
+    assert square_sizes(20, 4, 4, p_init=1.0).max() == 4  # never larger than the image
+
+
+# ----------------------------------------------------------------------------- FAB projections
+def _feasible_hyperplane(rng, dim):
+    point = rng.uniform(0.05, 0.95, dim)
+    w = rng.normal(size=dim)
+    w[rng.uniform(size=dim) < 0.2] = 0.0
+    target = np.clip(point + rng.uniform(-0.3, 0.3, dim), 0, 1)   # a point inside the box ...
+    return point, w, float(w @ target)                              # ... on the hyperplane
+
+
+def test_linf_hyperplane_projection_matches_linear_program():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        point, w, b = _feasible_hyperplane(rng, 12)
+        d = np.asarray(project_hyperplane_linf(jnp.asarray(point, jnp.float32), jnp.asarray(w, jnp.float32),
+                                               jnp.float32(b)), np.float64)
+        # min lambda s.t. w.(point + d) = b, |d_i| <= lambda, 0 <= point + d <= 1; variables (d, lambda).
+        dim = len(point)
+        cost = np.r_[np.zeros(dim), 1.0]
+        a_ub = np.block([[np.eye(dim), -np.ones((dim, 1))], [-np.eye(dim), -np.ones((dim, 1))]])
+        bounds = [(-p, 1 - p) for p in point] + [(0, None)]
+        lp = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * dim), A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ point],
+                     bounds=bounds)
+        assert lp.status == 0
+        assert abs(w @ (point + d) - b) < 1e-4
+        assert np.abs(d).max() == pytest.approx(lp.fun, abs=1e-4)
+        assert np.all(point + d >= -1e-6) and np.all(point + d <= 1 + 1e-6)
+
+
+def test_l2_hyperplane_projection_matches_bisection_on_the_multiplier():
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        point, w, b = _feasible_hyperplane(rng, 12)
+        d = np.asarray(project_hyperplane_l2(jnp.asarray(point, jnp.float32), jnp.asarray(w, jnp.float32),
+                                             jnp.float32(b)), np.float64)
+        # KKT: d(mu) = clip(mu * w, -point, 1 - point); w.d(mu) is increasing in mu; solve w.d = b - w.point.
+        low, high = -1e4, 1e4
+        for _ in range(200):
+            mu = 0.5 * (low + high)
+            if w @ np.clip(mu * w, -point, 1 - point) < b - w @ point:
+                low = mu
+            else:
+                high = mu
+        np.testing.assert_allclose(d, np.clip(mu * w, -point, 1 - point), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- attacks and runner
+def test_eps_zero_gives_clean_accuracy_for_every_attack(model, eval_set):
+    images, labels = eval_set
+    result = run_autoattack(model, images, labels, eps=0.0, batch_size=64, log=None, **FAST)
+    clean = _accuracy(model, images, labels)
+    assert result.clean_accuracy == pytest.approx(clean)
+    assert list(result.per_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(v == pytest.approx(clean) for v in result.per_attack.values())
+    np.testing.assert_array_equal(result.adversarial, images)
+
+
+def test_autoattack_is_at_most_each_attack_which_is_at_most_clean(model, eval_set, autoattack_result):
+    images, labels = eval_set
+    result = autoattack_result
+    assert result.robust_accuracy < result.clean_accuracy  # eps = 0.1 breaks a plain MLP
+    assert result.robust_accuracy == pytest.approx(result.robust_mask.mean())
+    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+        single = run_autoattack(model, images, labels, eps=EPS, batch_size=64, attacks=(name,), log=None,
+                                **FAST)
+        assert result.robust_accuracy <= single.robust_accuracy <= single.clean_accuracy
+    steps = list(result.per_attack.values())
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_returned_examples_are_valid_and_counted_exactly(model, eval_set, autoattack_result):
+    images, labels = eval_set
+    result = autoattack_result
+    _assert_in_ball_and_box(result.adversarial, images, EPS)
+    predictions = np.argmax(np.asarray(model(jnp.asarray(result.adversarial))), -1)
+    np.testing.assert_array_equal(result.robust_mask, predictions == labels)
+    assert result.recheck_failures == 0
+    assert result.log_lines[-1] == f"robust accuracy: {result.robust_accuracy:.2%}"
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_each_attack_respects_the_ball_and_the_box(model, eval_set, norm, eps):
+    images, labels = eval_set
+    key = jax.random.key(3)
+    outputs = [apgd(model, images, labels, key, eps=eps, norm=norm, n_iter=10),
+               apgd_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2),
+               fab_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
+                            n_restarts=2)]
+    if norm == "linf":
+        outputs.append(square_attack(model, images, labels, key, eps=eps, n_queries=100))
+    for out in outputs:
+        _assert_in_ball_and_box(out.adversarial, images, eps, norm)
+        predictions = np.argmax(np.asarray(model(out.adversarial)), -1)
+        np.testing.assert_array_equal(np.asarray(out.fooled), predictions != labels)
+        assert np.asarray(out.fooled).any()
+        unchanged = ~np.asarray(out.fooled)
+        np.testing.assert_array_equal(np.asarray(out.adversarial)[unchanged], images[unchanged])
+
+
+def _cross_entropy_grad(logits_fn, labels):
+    return jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(logits_fn(x), labels).sum())
+
+
+def _pgd(logits_fn, images, labels, eps, key, steps=20, step_size=None):
+    """Plain L-inf PGD with a random start (Madry et al. 2018); PGD-20 with step eps / 4 by default."""
+    grad_fn = _cross_entropy_grad(logits_fn, labels)
+    step_size = eps / 4 if step_size is None else step_size
+    x = jnp.clip(images + jax.random.uniform(key, images.shape, minval=-eps, maxval=eps), 0, 1)
+    for _ in range(steps):
+        x = jnp.clip(jnp.clip(x + step_size * jnp.sign(grad_fn(x)), images - eps, images + eps), 0, 1)
+    return x
+
+
+@pytest.fixture(scope="module")
+def robust_model(digits, model):
+    """The MLP fine-tuned with PGD-3 adversarial training at eps = 0.1 (a model PGD finds harder)."""
+    images, labels = digits
+    params = model.args[0]
+    optimizer = optax.adam(1e-2)
+    train_x, train_y = jnp.asarray(images[:1500]), labels[:1500]
+
+    def loss(p, x):
+        return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, x), train_y).mean()
+
+    @jax.jit
+    def step(params, opt_state, key):
+        x_adv = _pgd(functools.partial(_mlp, params), train_x, train_y, 0.1, key, steps=3, step_size=0.05)
+        updates, opt_state = optimizer.update(jax.grad(loss)(params, x_adv), opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for i in range(300):
+        params, opt_state = step(params, opt_state, jax.random.key(i))
+    return functools.partial(_mlp, params)
+
+
+def test_apgd_ce_is_at_least_as_strong_as_pgd20(robust_model, digits):
+    images, labels = digits
+    images, labels = jnp.asarray(images[1500:]), labels[1500:]
+    eps = 0.15
+    pgd_robust = apgd_robust = 0
+    for seed in range(3):
+        key = jax.random.key(seed)
+        pgd_robust += np.sum(np.argmax(np.asarray(robust_model(_pgd(robust_model, images, labels, eps, key))),
+                                       -1) == labels)
+        apgd_robust += np.sum(~np.asarray(apgd(robust_model, images, labels, key, eps=eps).fooled))
+    clean = np.sum(np.argmax(np.asarray(robust_model(images)), -1) == labels)
+    assert 3 * clean > pgd_robust > 0.1 * 3 * len(labels)  # a meaningful comparison
+    assert apgd_robust <= pgd_robust
+
+
+def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set):
+    images, labels = eval_set
+    masked = functools.partial(lambda f, x: f(jax.lax.stop_gradient(x)), model)
+    eps = 0.2
+    clean = _accuracy(masked, images, labels)
+    gradient = run_autoattack(masked, images, labels, eps=eps, attacks=("apgd-ce",), log=None,
+                              apgd_ce=dict(n_iter=10))
+    square = run_autoattack(masked, images, labels, eps=eps, attacks=("square",), log=None,
+                            square=dict(n_queries=300))
+    assert square.robust_accuracy <= 0.25 * clean
+    assert square.robust_accuracy < gradient.robust_accuracy
+
+
+def test_same_seed_same_result_whatever_the_batching(model, eval_set, autoattack_result):
+    images, labels = eval_set
+    again = run_autoattack(model, images[:45], labels[:45], eps=EPS, batch_size=16, log=None, **FAST)
+    np.testing.assert_array_equal(again.robust_mask, autoattack_result.robust_mask[:45])
+    np.testing.assert_allclose(again.adversarial, autoattack_result.adversarial[:45], atol=1e-6)
+    assert again.robust_accuracy == pytest.approx(autoattack_result.robust_mask[:45].mean())
+
+
+def test_verify_adversarial_rejects_each_kind_of_invalid_example():
+    def logits_fn(x):  # the prediction is the brightest of three pixels
+        return x.reshape(x.shape[0], 3)
+    images = np.array([[0.5, 0.4, 0.3], [0.5, 0.4, 0.3], [0.98, 0.95, 0.0], [0.5, 0.4, 0.3]], np.float32)
+    adversarial = np.array([[0.4, 0.45, 0.3],    # valid: within 0.1, class 1
+                            [0.3, 0.45, 0.3],    # 0.2 away
+                            [0.98, 1.05, 0.0],   # outside [0, 1]
+                            [0.5, 0.45, 0.3]],   # still class 0
+                           np.float32)
+    shape = (4, 1, 1, 3)
+    valid = verify_adversarial(logits_fn, images.reshape(shape), adversarial.reshape(shape),
+                               np.zeros(4, np.int32), eps=0.1)
+    np.testing.assert_array_equal(valid, [True, False, False, False])
+
+
+def test_runner_reports_claims_the_recheck_rejects(model, eval_set, monkeypatch):
+    images, labels = eval_set
+
+    def lying_attack(logits_fn, x, y, key, *, eps, norm, example_ids, active, **_):
+        return runner_module.AttackOutput(jnp.clip(x + 3 * eps, 0, 1), active)
+
+    monkeypatch.setitem(runner_module._ATTACK_FUNCTIONS, "apgd-ce", lying_attack)
+    result = run_autoattack(model, images, labels, eps=EPS, attacks=("apgd-ce",), log=None)
+    assert result.recheck_failures == round(result.clean_accuracy * len(labels))
+    assert result.robust_accuracy == result.clean_accuracy
+    assert any("re-check rejected" in line for line in result.log_lines)
+
+
+def test_bad_arguments_raise_value_errors(model, eval_set):
+    images, labels = eval_set
+    with pytest.raises(ValueError, match="images"):
+        run_autoattack(model, images * 2, labels, eps=EPS, log=None)
+    with pytest.raises(ValueError, match="norm"):
+        run_autoattack(model, images, labels, eps=EPS, norm="l1", log=None)
+    with pytest.raises(ValueError, match="attacks"):
+        run_autoattack(model, images, labels, eps=EPS, attacks=("apgd-dlr",), log=None)
+    with pytest.raises(ValueError, match="override"):
+        run_autoattack(model, images, labels, eps=EPS, apgd=dict(n_iter=3), log=None)
+    with pytest.raises(ValueError, match="n_target_classes"):
+        apgd_targeted(model, images, labels, jax.random.key(0), eps=EPS, n_target_classes=10)

@@ -1,0 +1,114 @@
+"""Configs: every shipped file loads and validates, CLI overrides reach nested fields, bad values name their field."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mmard_jax import config as config_lib
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+SHIPPED = ("cifar10.py", "cifar100.py", "mnist5k.py", "tiny.py")
+
+
+def parse(config_file: str, *overrides: str):
+    """Parses ``--config FILE --config.x=y ...`` exactly as the entry point does."""
+    argv = ["prog", f"--config={os.path.join(CONFIG_DIR, config_file)}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_validate(name):
+    config_lib.validate(parse(name), device_count=8)
+
+
+def test_reference_values_of_cifar_configs():
+    c10, c100 = parse("cifar10.py"), parse("cifar100.py")
+    assert (c10.optim.lr, c10.optim.weight_decay, c10.optim.epochs) == (0.1, 2e-4, 300)
+    assert tuple(c10.optim.decay_epochs) == (215, 260, 285)
+    assert c10.attack.eps == pytest.approx(8 / 255) and c10.attack.step_size == pytest.approx(2 / 255)
+    assert c10.attack.steps == 10 and c10.optim.batch_size == 128
+    assert c10.student.model.name == "resnet18" and c10.teacher.model.name == "wrn-34-10"
+    assert c10.method.kl_reduction == "mean" and c100.method.kl_reduction == "batchmean"
+    assert c100.data.name == "cifar100"
+
+
+def test_overrides_reach_nested_fields():
+    config = parse(
+        "cifar10.py",
+        "--config.optim.epochs=7",
+        "--config.method.name=rslad",
+        "--config.method.mi_beta=0.25",
+        "--config.data.source=cifar_archive",
+        "--config.attack.unroll=10",
+    )
+    assert config.optim.epochs == 7
+    assert config.method.name == "rslad"
+    assert config.method.mi_beta == 0.25
+    assert config.data.source == "cifar_archive"
+    assert config.attack.unroll == 10
+
+
+def test_unknown_override_field_is_refused():
+    with pytest.raises(Exception, match="epochz"):
+        parse("cifar10.py", "--config.optim.epochz=3")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("student.model.name", "resnet19", "config.student.model.name"),
+        ("teacher.model.name", "vgg", "config.teacher.model.name"),
+        ("method.name", "fancy", "config.method.name"),
+        ("teacher.method.name", "rslad", "config.teacher.method.name"),
+        ("attack.eps", -0.1, "config.attack.eps"),
+        ("attack.eps", 1.5, "config.attack.eps"),
+        ("attack.step_size", 0.0, "config.attack.step_size"),
+        ("teacher.attack.step_size", -1.0, "config.teacher.attack.step_size"),
+        ("attack.init", "gaussian", "config.attack.init"),
+        ("optim.batch_size", 100, "config.optim.batch_size"),
+        ("eval.batch_size", 12, "config.eval.batch_size"),
+        ("data.source", "imagenet_folder", "config.data.source"),
+        ("method.kl_reduction", "avg", "config.method.kl_reduction"),
+        ("method.boundary", "distance", "config.method.boundary"),
+        ("method.teacher_vertex", "both", "config.method.teacher_vertex"),
+        ("method.tau_mi", 0.0, "config.method.tau_mi"),
+        ("method.gamma", -1.0, "config.method.gamma"),
+        ("optim.schedule", "step", "config.optim.schedule"),
+        ("stages", "teacher,finetune", "config.stages"),
+        ("baselines", "rslad,unknown", "config.baselines"),
+        ("eval.checkpoint", "first", "config.eval.checkpoint"),
+        ("dtype", "float16", "config.dtype"),
+    ],
+)
+def test_validation_names_the_bad_field(field, value, message):
+    config = parse("cifar10.py")
+    node = config
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        config_lib.validate(config, device_count=8)
+
+
+def test_batch_size_must_divide_over_devices():
+    config = parse("mnist5k.py")
+    config_lib.validate(config, device_count=8)  # 64 over 8 devices
+    with pytest.raises(ValueError, match=r"optim\.batch_size.*device count \(3\)"):
+        config_lib.validate(config, device_count=3)
+
+
+def test_mmard_parts_need_a_distillation_base():
+    config = parse("cifar10.py", "--config.method.name=pgd_at", "--config.method.mmard_outer=True")
+    with pytest.raises(ValueError, match=r"config\.method\.mmard"):
+        config_lib.validate(config, device_count=1)
+
+
+def test_student_methods_put_baselines_first_without_repeats():
+    config = parse("mnist5k.py", "--config.baselines=pgd_at,rslad,mmard")
+    assert config_lib.student_methods(config) == ("pgd_at", "rslad", "mmard")

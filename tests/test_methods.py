@@ -1,0 +1,188 @@
+"""The method registry: every combination builds and runs, declarations are exact, configs are validated."""
+
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mmard_jax import losses, methods
+from mmard_jax.config import method_config as default_method_config
+from mmard_jax.methods import Views
+
+B, C = 8, 5
+COMBINATIONS = list(itertools.product(methods.DISTILLATION_BASES, (False, True), (False, True)))
+
+
+def method_config(method_name, **overrides):
+    """The default config.method as a plain namespace (build_method takes any attribute object)."""
+    return types.SimpleNamespace(**(default_method_config(method_name).to_dict() | overrides))
+
+
+def build(method_name, **overrides):
+    return methods.build_method(method_config(method_name, **overrides))
+
+
+def all_methods():
+    combos = [build(base, mmard_inner=inner, mmard_outer=outer) for base, inner, outer in COMBINATIONS]
+    return combos + [build(name) for name in ('pgd_at', 'trades', 'mmard')]
+
+
+def random_views(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return Views(*(3.0 * jax.random.normal(k, (B, C)) for k in keys))
+
+
+LABELS = jnp.array([0, 1, 2, 0, 3, 4, 1, 0], jnp.int32)
+
+
+def keep_only(views, names):
+    return Views(**{name: getattr(views, name) if name in names else None for name in Views._fields})
+
+
+def test_every_combination_runs_finite_under_jit():
+    built = all_methods()
+    assert len({m.name for m in built}) == len(COMBINATIONS) + 2  # 'mmard' is adaad+both parts
+
+    def run_all(views, epoch):
+        results = []
+        for m in built:
+            inner = m.inner_loss(keep_only(views, m.inner_views), LABELS)
+            outer_views = keep_only(views, m.outer_views)
+            (loss, metrics), grads = jax.value_and_grad(m.outer_loss, has_aux=True)(outer_views, LABELS, epoch)
+            results.append((inner, loss, metrics, grads.student_adv))
+        return results
+
+    results = jax.jit(run_all)(random_views(), jnp.int32(100))
+    for m, (inner, loss, metrics, grad_adv) in zip(built, results, strict=True):
+        assert inner.shape == (B,) and np.isfinite(inner).all(), m.name
+        assert loss.shape == () and np.isfinite(loss), m.name
+        assert metrics and all(np.isfinite(v) for v in metrics.values()), m.name
+        assert np.abs(np.asarray(grad_adv)).max() > 0, m.name  # every outer loss trains the robust student
+        assert ('mi_ab' in metrics) == ('mmard_outer' in m.name), m.name
+
+
+@pytest.mark.parametrize('base, add_inner, add_outer', COMBINATIONS)
+def test_declared_views_are_exactly_what_losses_read(base, add_inner, add_outer):
+    m = build(base, mmard_inner=add_inner, mmard_outer=add_outer)
+    views, epoch = random_views(), jnp.int32(0)
+    for declared, loss in ((m.inner_views, lambda v: m.inner_loss(v, LABELS)),
+                           (m.outer_views, lambda v: m.outer_loss(v, LABELS, epoch))):
+        jax.eval_shape(loss, keep_only(views, declared))  # runs with only the declared views
+        for missing in declared:
+            with pytest.raises((TypeError, AttributeError, ValueError)):
+                jax.eval_shape(loss, keep_only(views, declared - {missing}))
+
+
+def test_view_declarations_follow_the_method_table():
+    assert build('rslad').inner_views == {'student_adv', 'teacher_nat'}  # no teacher forward in the loop
+    assert 'teacher_adv' in build('adaad').inner_views
+    assert build('trades').inner_views == {'student_nat', 'student_adv'}
+    assert build('iad').outer_views >= {'teacher_adv'}  # w_i = p_T(x')[y]^β
+    assert 'teacher_nat' not in build('adaad', mmard_inner=True, boundary='entropy').inner_views
+    assert 'teacher_nat' in build('ard', mmard_outer=True, teacher_vertex='natural').outer_views
+    assert 'teacher_adv' not in build('ard', mmard_outer=True, teacher_vertex='natural').outer_views
+
+
+def test_modes_and_teacher_flags():
+    assert build('ard').attack_student_train_mode and build('iad').attack_student_train_mode
+    assert not build('ard', mmard_inner=True).attack_student_train_mode  # MMARD attacks in inference mode
+    assert build('ard', mmard_outer=True).attack_student_train_mode
+    assert not any(build(n).attack_student_train_mode for n in ('pgd_at', 'trades', 'rslad', 'adaad', 'mmard'))
+    assert [n for n in methods.METHOD_NAMES if not build(n).needs_teacher] == ['pgd_at', 'trades']
+
+
+def test_mmard_is_adaad_with_both_parts():
+    mmard = build('mmard')
+    composed = build('adaad', mmard_inner=True, mmard_outer=True)
+    assert (mmard.inner_loss, mmard.outer_loss, mmard.inner_views, mmard.outer_views) == (
+        composed.inner_loss, composed.outer_loss, composed.inner_views, composed.outer_views)
+    views = random_views()
+    np.testing.assert_allclose(mmard.inner_loss(views, LABELS),
+                               losses.mmard_inner(views, LABELS, gamma=1.0, boundary='kl'), rtol=1e-6)
+
+
+def test_methods_are_hashable_static_jit_arguments():
+    first, second, other = build('rslad', mmard_outer=True), build('rslad', mmard_outer=True), build('rslad')
+    assert first == second and hash(first) == hash(second) and first != other
+    traces = []
+
+    def outer(method, views):
+        traces.append(method.name)
+        return method.outer_loss(views, LABELS, jnp.int32(0))[0]
+
+    step = jax.jit(outer, static_argnums=0)
+    views = random_views()
+    np.testing.assert_allclose(step(first, views), step(second, views))
+    assert traces == [first.name]  # equal methods share one compilation
+    step(other, views)
+    assert len(traces) == 2
+
+
+def _linear_nets():
+    rng = np.random.default_rng(0)
+    student = jnp.asarray(rng.normal(size=(6, C)), jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(6, C)), jnp.float32)
+    x = jnp.asarray(rng.uniform(size=(B, 6)), jnp.float32)
+    return student, teacher, x, x + 0.1 * jnp.asarray(rng.normal(size=(B, 6)), jnp.float32)
+
+
+def inner_views_at(method, student, teacher, x, x_adv):
+    """What the train step does: *_adv fields at x', *_nat fields once and stop-gradiented."""
+    fields = {}
+    for name in method.inner_views:
+        logits = (x_adv if name.endswith('adv') else x) @ (student if name.startswith('student') else teacher)
+        fields[name] = logits if name.endswith('adv') else lax.stop_gradient(logits)
+    return Views(**fields)
+
+
+@pytest.mark.parametrize('name, overrides, through_teacher', [
+    ('adaad', {}, True), ('mmard', {}, True), ('mmard', {'boundary': 'margin', 'gamma': 2.0}, True),
+    ('rslad', {'mmard_inner': True}, True), ('rslad', {}, False), ('ard', {}, False)])
+def test_inner_gradient_through_teacher(name, overrides, through_teacher):
+    m = build(name, **overrides)
+    student, teacher, x, x_adv = _linear_nets()
+
+    def inner(teacher_weights, z):
+        return m.inner_loss(inner_views_at(m, student, teacher_weights, x, z), LABELS).sum()
+
+    teacher_grad, input_grad = jax.grad(inner, argnums=(0, 1))(teacher, x_adv)
+    assert (np.abs(np.asarray(teacher_grad)).max() > 1e-4) == through_teacher
+    if through_teacher:  # the attack direction changes if the teacher's logits are cut from the graph
+        def inner_teacher_cut(z):
+            views = inner_views_at(m, student, teacher, x, z)
+            return m.inner_loss(views._replace(teacher_adv=lax.stop_gradient(views.teacher_adv)), LABELS).sum()
+
+        assert np.abs(np.asarray(input_grad - jax.grad(inner_teacher_cut)(x_adv))).max() > 1e-4
+
+
+def test_iad_extra_term_switches_on_at_warmup():
+    m = build('iad', iad_warmup_epochs=3)
+    views = keep_only(random_views(), m.outer_views)
+    outer = jax.jit(m.outer_loss)
+    before, before_metrics = outer(views, LABELS, jnp.int32(2))
+    after, after_metrics = outer(views, LABELS, jnp.int32(3))
+    assert before_metrics['kl_self'] == 0 and after_metrics['kl_self'] > 0
+    np.testing.assert_allclose(after - before, after_metrics['kl_self'], rtol=1e-5)  # alpha = 1
+
+
+@pytest.mark.parametrize('name, field, value', [
+    ('mmard', 'name', 'madry'), ('ard', 'kl_reduction', 'none'), ('ard', 'temperature', 0.0),
+    ('adaad', 'alpha', 1.5), ('iad', 'iad_beta', -0.1), ('iad', 'iad_warmup_epochs', -1),
+    ('rslad', 'rslad_adv_weight', 2.0), ('trades', 'trades_beta', float('nan')), ('mmard', 'gamma', -1.0),
+    ('mmard', 'boundary', 'l2'), ('mmard', 'mi_beta', 'one'), ('mmard', 'mi_weights', (1.0, 1.0)),
+    ('mmard', 'tau_mi', 0.0), ('mmard', 'mask_same_class', 'yes'), ('mmard', 'teacher_vertex', 'clean'),
+    ('ard', 'mmard_inner', 1), ('pgd_at', 'mmard_inner', True), ('trades', 'mmard_outer', True)])
+def test_invalid_config_names_the_field(name, field, value):
+    with pytest.raises(ValueError, match=f'config.method.{field}'):
+        build(name, **{field: value})
+
+
+def test_missing_field_names_the_field():
+    cfg = default_method_config('rslad')
+    del cfg['rslad_adv_weight']
+    with pytest.raises(ValueError, match='config.method.rslad_adv_weight'):
+        methods.build_method(cfg)

@@ -1,0 +1,347 @@
+"""The train step and loop: device-count equivalence, pmap agreement, exact resume, preemption, frozen teacher."""
+
+import copy
+import functools
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmard_jax import checkpoint as ckpt_lib
+from mmard_jax import config as config_lib
+from mmard_jax import parallel, train
+from mmard_jax.config import model_config
+from mmard_jax.data import load_dataset
+from mmard_jax.methods import build_method
+from mmard_jax.networks import Network, build_module, init_variables
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(tiny_config().data)
+
+
+def random_teacher(config, dataset, seed=1):
+    module = build_module(config.teacher.model, dataset.num_classes)
+    return Network(module, init_variables(module, jax.random.PRNGKey(seed), dataset.image_shape))
+
+
+def make_job(config, workdir, method_name, teacher):
+    method_cfg = copy.deepcopy(config.method)
+    method_cfg.name = method_name
+    return train.Job(
+        name=method_name,
+        workdir=str(workdir),
+        model_cfg=config.student.model,
+        method_cfg=method_cfg,
+        attack_cfg=config.attack,
+        optim_cfg=config.optim,
+        teacher=teacher if build_method(method_cfg).needs_teacher else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step: 8 devices == 1 device == pmap
+
+
+def bn_config(method_name):
+    config = tiny_config()
+    config.student.model = model_config("cnn", widths=(8,), hidden=16, use_bn=True)
+    config.method.name = method_name
+    config.data.crop_padding = 2  # exercise the on-device augmentation too
+    config.data.flip = True
+    config.attack.init = "uniform"
+    return config
+
+
+def one_step_setup(method_name, dataset, devices):
+    config = bn_config(method_name)
+    teacher = random_teacher(config, dataset)
+    job = make_job(config, "/unused", method_name, teacher)
+    spec = train.step_spec(job, config, dataset.num_classes, 10, build_method(job.method_cfg))
+    plain = build_module(config.student.model, dataset.num_classes)
+    variables = init_variables(plain, jax.random.PRNGKey(0), dataset.image_shape)
+    state = train.create_train_state(variables, spec.tx, jax.random.PRNGKey(5))
+    mesh = parallel.make_mesh(devices)
+    return spec, parallel.replicate(state, mesh), parallel.replicate(teacher.variables, mesh), mesh
+
+
+def run_steps(method_name, dataset, devices, steps=2, batch=32):
+    spec, state, teacher_vars, mesh = one_step_setup(method_name, dataset, devices)
+    step_fn = train.make_train_step(spec, mesh)
+    for i in range(steps):
+        images = dataset.train.images[i * batch : (i + 1) * batch]
+        labels = dataset.train.labels[i * batch : (i + 1) * batch]
+        images, labels = parallel.global_batch((images, labels), mesh)
+        state, metrics = step_fn(state, teacher_vars, images, labels)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("method_name", ["mmard", "ard", "trades"])
+def test_eight_devices_equal_one_device(method_name, digits):
+    assert jax.device_count() == 8
+    state8, metrics8 = run_steps(method_name, digits, jax.devices())
+    state1, metrics1 = run_steps(method_name, digits, jax.devices()[:1])
+    assert_trees_close(state8.params, state1.params)
+    assert_trees_close(state8.batch_stats, state1.batch_stats)
+    assert_trees_close(metrics8, metrics1, rtol=1e-4, atol=1e-5)
+    # and the step did something: parameters moved away from their initial values
+    spec, initial, _, _ = one_step_setup(method_name, digits, jax.devices()[:1])
+    moved = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), state1.params, jax.device_get(initial.params))
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_pmap_agrees_with_shard_map(digits):
+    spec, state, teacher_vars, mesh = one_step_setup("mmard", digits, jax.devices())
+    images, labels = digits.train.images[:32], digits.train.labels[:32]
+    body = functools.partial(train.train_step_body, spec)
+    pmapped = jax.pmap(body, axis_name=parallel.DATA_AXIS, in_axes=(None, None, 0, 0))
+    host_state = jax.device_get(state)
+    p_state, p_metrics = pmapped(host_state, jax.device_get(teacher_vars), images.reshape(8, 4, *images.shape[1:]), labels.reshape(8, 4))
+    s_state, s_metrics = train.make_train_step(spec, mesh)(state, teacher_vars, *parallel.global_batch((images, labels), mesh))
+    first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    assert_trees_close(first(p_state.params), jax.device_get(s_state.params))
+    assert_trees_close(first(p_state.batch_stats), jax.device_get(s_state.batch_stats))
+    assert_trees_close(first(p_metrics), jax.device_get(s_metrics))
+
+
+def test_gradient_is_the_global_batch_mean_not_the_sum(digits):
+    """With lr 1 and no momentum/decay, one step moves params by exactly -grad of the global-batch loss."""
+    config = bn_config("pgd_at")
+    config.optim.momentum = 0.0
+    config.optim.weight_decay = 0.0
+    config.optim.lr = 1.0
+    config.attack.steps = 0
+    config.data.crop_padding = 0
+    config.data.flip = False
+    job = make_job(config, "/unused", "pgd_at", None)
+    spec = train.step_spec(job, config, digits.num_classes, 10, build_method(job.method_cfg))
+    plain = build_module(config.student.model, digits.num_classes)
+    variables = init_variables(plain, jax.random.PRNGKey(0), digits.image_shape)
+    state = train.create_train_state(variables, spec.tx, jax.random.PRNGKey(5))
+    images, labels = digits.train.images[:32], digits.train.labels[:32]
+    x = images.astype(np.float32) / 255.0
+    # attack steps = 0 with 'uniform' init: x' is a random point, so compute the reference on the same x'
+    mesh = parallel.make_mesh()
+    new_state, _ = train.make_train_step(spec, mesh)(parallel.replicate(state, mesh), None, *parallel.global_batch((images, labels), mesh))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state.key, 0), i))(jnp.arange(32))
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    x_adv = train.starting_points(spec, keys[:, 1], jnp.asarray(x))
+
+    def loss(params):
+        logits, _ = plain.apply({"params": params, "batch_stats": variables["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"])
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(32), labels])
+
+    grads = jax.grad(loss)(variables["params"])
+    expected = jax.tree.map(lambda p, g: p - g, variables["params"], grads)
+    assert_trees_close(jax.device_get(new_state.params), expected, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop: resume, preemption, incompatibility, frozen teacher, learning
+
+
+def loop_config():
+    config = tiny_config()
+    config.optim.epochs = 2
+    config.checkpoint.every_steps = 7  # not a multiple of the 22 steps per epoch
+    config.eval.every_epochs = 1
+    return config
+
+
+def params_of(outcome):
+    return jax.device_get(outcome.network.variables)
+
+
+def test_sigterm_saves_and_resume_is_exact(digits, tmp_path):
+    config = loop_config()
+    teacher = random_teacher(config, digits)
+    mesh = parallel.make_mesh()
+    reference = train.train(make_job(config, tmp_path / "full", "rslad", teacher), config, digits, mesh)
+
+    calls = []
+
+    def sigterm_after_first_epoch(network):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"clean_acc": 0.0, "pgd_acc": float(len(calls))}
+
+    job = make_job(config, tmp_path / "interrupted", "rslad", teacher)
+    with pytest.raises(train.Preempted):
+        train.train(job, config, digits, mesh, eval_fn=sigterm_after_first_epoch)
+    steps_per_epoch = digits.train.num_examples // config.optim.batch_size
+    saved = ckpt_lib.RunCheckpoints(os.path.join(job.workdir, "checkpoints"))
+    assert saved.latest_step() == steps_per_epoch + 1  # saved right after the step during which SIGTERM arrived
+    saved.close()
+    resumed = train.train(job, config, digits, mesh)
+    assert resumed.steps == reference.steps == 2 * steps_per_epoch
+    assert_trees_close(params_of(resumed), params_of(reference), rtol=0, atol=0)
+
+
+def test_incompatible_resume_is_refused(digits, tmp_path):
+    config = loop_config()
+    config.optim.epochs = 1
+    mesh = parallel.make_mesh()
+    train.train(make_job(config, tmp_path, "pgd_at", None), config, digits, mesh)
+    wider = copy.deepcopy(config)
+    wider.student.model = model_config("cnn", widths=(12,), hidden=0)
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="model"):
+        train.train(make_job(wider, tmp_path, "pgd_at", None), wider, digits, mesh)
+    other_batch = copy.deepcopy(config)
+    other_batch.optim.batch_size = 32
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="batch_size"):
+        train.train(make_job(other_batch, tmp_path, "pgd_at", None), other_batch, digits, mesh)
+
+
+def test_teacher_is_frozen_and_not_checkpointed(digits, tmp_path):
+    config = loop_config()
+    config.optim.epochs = 1
+    teacher = random_teacher(config, digits)
+    before = jax.tree.map(np.array, teacher.variables)
+    job = make_job(config, tmp_path, "mmard", teacher)
+    outcome = train.train(job, config, digits, mesh=parallel.make_mesh())
+    assert_trees_close(teacher.variables, before, rtol=0, atol=0)
+    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints", "latest"), options=ocp.CheckpointManagerOptions(read_only=True))
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    student_signature = ckpt_lib.shape_signature(jax.device_get(outcome.network.variables["params"]))
+    assert ckpt_lib.shape_signature(state["params"]) == student_signature
+    assert set(state) == {"step", "params", "batch_stats", "opt_state", "key"}
+    n_teacher = sum(np.size(x) for x in jax.tree.leaves(teacher.variables))
+    n_saved = sum(np.size(x) for x in jax.tree.leaves(state))
+    n_student_state = sum(np.size(x) for x in jax.tree.leaves(jax.device_get(outcome.network.variables)))
+    assert n_saved < n_student_state * 2 + 16 < n_student_state + n_teacher + n_saved  # params + momentum only
+
+
+def test_training_on_real_digits_lowers_loss_and_raises_pgd_accuracy(digits, tmp_path):
+    from mmard_jax import evaluate
+
+    config = tiny_config()
+    config.optim.epochs = 4
+    config.optim.decay_epochs = ()
+    mesh = parallel.make_mesh()
+    specs = evaluate.periodic_attacks(config.eval)
+
+    def pgd_accuracy(network):
+        acc = evaluate.accuracy(network, digits.test, specs, mesh, batch_size=64)
+        return {"clean_acc": acc["clean"], "pgd_acc": acc["pgd"]}
+
+    module = build_module(config.student.model, digits.num_classes)
+    initial = pgd_accuracy(Network(module, init_variables(module, jax.random.PRNGKey(0), digits.image_shape)))
+    outcome = train.train(make_job(config, tmp_path, "pgd_at", None), config, digits, mesh, eval_fn=pgd_accuracy)
+    losses = [r["train_loss"] for r in outcome.epoch_records]
+    assert losses[-1] < 0.7 * losses[0]
+    assert outcome.epoch_records[-1]["pgd_acc"] > initial["pgd_acc"] + 0.2
+
+
+def test_nonfinite_loss_stops_with_the_step_and_term(digits, tmp_path):
+    config = loop_config()
+    config.optim.lr = 1e30  # diverges at once
+    mesh = parallel.make_mesh()
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+: term '"):
+        train.train(make_job(config, tmp_path, "pgd_at", None), config, digits, mesh)
+
+
+def test_learning_rate_schedule_switches_at_epoch_boundaries():
+    config = tiny_config()
+    optim = config.optim
+    optim.lr, optim.decay_epochs, optim.decay_factor = 0.1, (2, 3), 0.1
+    schedule = train.learning_rate_schedule(optim, steps_per_epoch=5)
+    lrs = [float(schedule(s)) for s in range(20)]
+    np.testing.assert_allclose(lrs[:10], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(lrs[10:15], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(lrs[15:], 0.001, rtol=1e-6)
+    optim.schedule = "cosine"
+    optim.epochs = 4
+    cosine = train.learning_rate_schedule(optim, steps_per_epoch=5)
+    assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(10)) == pytest.approx(0.05) and float(cosine(20)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_optimizer_matches_pytorch_sgd_with_coupled_weight_decay():
+    """Hand-rolled torch.optim.SGD update: buf = m*buf + (g + wd*p); p -= lr*buf."""
+    config = tiny_config()
+    optim = config.optim
+    optim.lr, optim.momentum, optim.weight_decay, optim.decay_epochs = 0.1, 0.9, 0.01, ()
+    tx = train.make_optimizer(optim, steps_per_epoch=10)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
+    opt_state = tx.init(params)
+    p, buf = np.array([1.0, -2.0]), np.zeros(2)
+    for g in grads:
+        updates, opt_state = tx.update({"w": g}, opt_state, params)
+        params = jax.tree.map(lambda a, b: a + b, params, updates)
+        buf = 0.9 * buf + (np.asarray(g) + 0.01 * p)
+        p = p - 0.1 * buf
+    np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The entry point, as a user runs it
+
+
+def run_main(workdir, *overrides, timeout=300):
+    command = [sys.executable, "-m", "mmard_jax.main", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(workdir), *overrides]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_main_end_to_end_on_the_tiny_config(tmp_path):
+    process = run_main(tmp_path)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints/latest"):
+        assert os.path.exists(tmp_path / path), path
+    assert os.listdir(tmp_path / "students" / "mmard" / "tensorboard")
+    import json
+
+    results = json.load(open(tmp_path / "results.json"))["results"]
+    assert set(results) == {"teacher", "rslad", "mmard"}
+    for row in results.values():
+        acc = row["accuracy"]
+        assert 0.0 <= acc["pgd"] <= acc["clean"] <= 1.0 and acc["fgsm"] <= acc["clean"]
+    assert "| mmard |" in output  # the table is printed
+
+
+def test_sigkill_mid_run_keeps_a_good_checkpoint_and_resumes(tmp_path):
+    overrides = ("--config.stages=teacher", "--config.teacher.optim.epochs=30", "--config.checkpoint.every_steps=3")
+    process = run_main(tmp_path, *overrides)
+    latest = tmp_path / "teacher" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        steps = [d for d in os.listdir(latest) if d.isdigit()] if latest.exists() else []
+        if len(steps) >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[0]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    manager = ocp.CheckpointManager(str(latest), options=ocp.CheckpointManagerOptions(read_only=True))
+    killed_at = manager.latest_step()
+    assert killed_at is not None and killed_at < 30 * 22
+    restored = manager.restore(killed_at, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    assert int(restored["step"]) == killed_at
+    process = run_main(tmp_path, *overrides)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert f"resuming at step {killed_at}" in output or "resuming at step" in output
