@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmard_jax import parallel, reporting
-from mmard_jax.attacks import pgd as pgd_lib
+from mmard_jax.attacks.pgd import ce_attack, cw_linf, fgsm
 from mmard_jax.data import augment, pipeline
 from mmard_jax.losses import cross_entropy
 from mmard_jax.networks import Network, inference_logits
@@ -39,17 +39,17 @@ def _clean(spec, logits_fn, x, y, key):
 
 
 def _fgsm(spec, logits_fn, x, y, key):
-    return pgd_lib.fgsm(lambda u: cross_entropy(logits_fn(u), y), x, key, eps=spec.eps)
+    return fgsm(lambda u: cross_entropy(logits_fn(u), y), x, key, eps=spec.eps)
 
 
 def _pgd(spec, logits_fn, x, y, key):
-    return pgd_lib.ce_attack(
+    return ce_attack(
         logits_fn, x, y, key, eps=spec.eps, step_size=spec.step_size, steps=spec.steps, init="uniform", unroll=spec.unroll
     )
 
 
 def _cw(spec, logits_fn, x, y, key):
-    return pgd_lib.cw_linf(
+    return cw_linf(
         logits_fn,
         x,
         y,

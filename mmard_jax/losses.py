@@ -11,6 +11,7 @@ All functions take logits, not probabilities, and compute in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -113,28 +114,46 @@ def _centred_unit(z: Array) -> Array:
 
 def same_class_mask(labels: Array) -> Array:
     """[B, B] bool, True for the off-diagonal pairs (i, j) with ``labels[i] == labels[j]``."""
-    same = labels[:, None] == labels[None, :]
-    return same & ~jnp.eye(labels.shape[0], dtype=jnp.bool_)
+    return _same_class_negatives(labels, labels, jnp.arange(labels.shape[0]))
 
 
-def info_nce(u: Array, v: Array, labels: Array | None = None, *, tau: float = 0.5,
-             mask_same_class: bool = True) -> Array:
+def _same_class_negatives(row_labels: Array, column_labels: Array, positives: Array) -> Array:
+    """True where column j has row i's label but is not row i's positive ``positives[i]``."""
+    same = row_labels[:, None] == column_labels[None, :]
+    return same & (jnp.arange(column_labels.shape[0])[None, :] != positives[:, None])
+
+
+def info_nce(u: Array, v: Array, labels: Array | None = None, *, tau: float = 0.5, mask_same_class: bool = True,
+             axis_name: str | None = None) -> Array:
     """Symmetric InfoNCE ``N(u, v)`` over the batch (METHOD.md §3.2); ``I(u; v) ≥ log B − N(u, v)``.
 
     Rows are centred over classes and L2-normalised, ``s_ij = ũ_i · ṽ_j / tau``, and
     ``N = ½ [CE(s, diag) + CE(sᵀ, diag)]`` (each a mean over the batch). With ``mask_same_class`` the
     off-diagonal pairs of the same label are removed from every denominator, so two images of one class are
     never pushed apart; this needs ``labels``.
+
+    ``axis_name`` (inside ``shard_map``/``pmap``): the batch is the global one, gathered over that axis; this
+    device's rows are scored against every device's rows and the result is the mean over this device's rows,
+    so the mean over devices equals the single-device value on the whole batch (gradients flow back through
+    the gather).
     """
     if mask_same_class and labels is None:
         raise ValueError('info_nce: mask_same_class=True needs labels; pass labels or mask_same_class=False.')
-    similarity = jnp.matmul(_centred_unit(u), _centred_unit(v).T, precision=lax.Precision.HIGHEST) / tau
-    if mask_same_class:
-        similarity = jnp.where(same_class_mask(labels), -jnp.inf, similarity)
-    positives = jnp.arange(similarity.shape[0])
-    rows = jnp.mean(cross_entropy(similarity, positives))
-    columns = jnp.mean(cross_entropy(similarity.T, positives))
-    return 0.5 * (rows + columns)
+    u, v = _centred_unit(u), _centred_unit(v)
+    all_u, all_v, all_labels, offset = u, v, labels, 0
+    if axis_name is not None:
+        gather = functools.partial(lax.all_gather, axis_name=axis_name, tiled=True)
+        all_u, all_v = gather(u), gather(v)
+        all_labels = None if labels is None else gather(labels)
+        offset = lax.axis_index(axis_name) * u.shape[0]
+    positives = offset + jnp.arange(u.shape[0])
+    total = 0.0
+    for rows, columns in ((u, all_v), (v, all_u)):  # s and sᵀ, restricted to this device's rows
+        similarity = jnp.matmul(rows, columns.T, precision=lax.Precision.HIGHEST) / tau
+        if mask_same_class:
+            similarity = jnp.where(_same_class_negatives(labels, all_labels, positives), -jnp.inf, similarity)
+        total = total + jnp.mean(cross_entropy(similarity, positives))
+    return 0.5 * total
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,26 +268,27 @@ def adaad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float,
 
 
 def triangle_mi(views: Views, labels: Array, *, weights: tuple[float, float, float], tau: float,
-                mask_same_class: bool, teacher_vertex: str) -> tuple[Array, Metrics]:
+                mask_same_class: bool, teacher_vertex: str, axis_name: str | None = None) -> tuple[Array, Metrics]:
     """MMARD triangle ``w_ab·N(a, b) + w_at·N(a, t) + w_bt·N(b, t)`` (METHOD.md §3.2).
 
     ``a = S(x)``, ``b = S(x')``, ``t = sg(T(x'))`` for teacher_vertex 'adversarial' or ``sg(T(x))`` for 'natural'.
+    ``axis_name``: see `info_nce` (the InfoNCE batch is the global batch).
     """
     _check_choice('teacher_vertex', teacher_vertex, TEACHER_VERTICES)
     teacher = views.teacher_adv if teacher_vertex == 'adversarial' else views.teacher_nat
     vertex_a, vertex_b, vertex_t = views.student_nat, views.student_adv, lax.stop_gradient(teacher)
     edges = {'mi_ab': (vertex_a, vertex_b), 'mi_at': (vertex_a, vertex_t), 'mi_bt': (vertex_b, vertex_t)}
-    metrics = {name: info_nce(u, v, labels, tau=tau, mask_same_class=mask_same_class)
+    metrics = {name: info_nce(u, v, labels, tau=tau, mask_same_class=mask_same_class, axis_name=axis_name)
                for name, (u, v) in edges.items()}
     total = sum(weight * value for weight, value in zip(weights, metrics.values(), strict=True))
     return total, metrics
 
 
 def mmard_outer(views: Views, labels: Array, epoch: Array, *, base_outer: OuterLoss, beta: float,
-                weights: tuple[float, float, float], tau: float, mask_same_class: bool,
-                teacher_vertex: str) -> tuple[Array, Metrics]:
+                weights: tuple[float, float, float], tau: float, mask_same_class: bool, teacher_vertex: str,
+                axis_name: str | None = None) -> tuple[Array, Metrics]:
     """MMARD outer: ``base_outer + β · triangle_mi``; β = 0 is the base loss."""
     base_loss, metrics = base_outer(views, labels, epoch)
     mi, mi_metrics = triangle_mi(views, labels, weights=weights, tau=tau, mask_same_class=mask_same_class,
-                                 teacher_vertex=teacher_vertex)
+                                 teacher_vertex=teacher_vertex, axis_name=axis_name)
     return base_loss + beta * mi, {**metrics, **mi_metrics}

@@ -74,7 +74,7 @@ def _field(cfg: Any, field: str) -> Any:
     try:
         return getattr(cfg, field)
     except (AttributeError, KeyError):
-        raise ValueError(f'config.method.{field} is missing; set it (defaults: mmard_jax.config.method_config).') from None
+        raise ValueError(f'config.method.{field} is missing; set it (defaults: config.method_config).') from None
 
 
 def _choice(cfg: Any, field: str, options: tuple[str, ...]) -> str:
@@ -181,22 +181,26 @@ def _with_mmard_inner(method: Method, cfg: Any) -> Method:
         inner_views=inner_views, attack_student_train_mode=False)
 
 
-def _with_mmard_outer(method: Method, cfg: Any) -> Method:
+def _with_mmard_outer(method: Method, cfg: Any, axis_name: str | None) -> Method:
     """Add MMARD's natural–robust–teacher triangle to the outer loss (METHOD.md §3.2)."""
     teacher_vertex = _choice(cfg, 'teacher_vertex', losses.TEACHER_VERTICES)
     outer = bind(losses.mmard_outer, base_outer=method.outer_loss, beta=_real(cfg, 'mi_beta'),
                  weights=_edge_weights(cfg), tau=_real(cfg, 'tau_mi', low_open=True),
-                 mask_same_class=_flag(cfg, 'mask_same_class'), teacher_vertex=teacher_vertex)
+                 mask_same_class=_flag(cfg, 'mask_same_class'), teacher_vertex=teacher_vertex, axis_name=axis_name)
     teacher_view = 'teacher_adv' if teacher_vertex == 'adversarial' else 'teacher_nat'
     return dataclasses.replace(method, name=f'{method.name}+mmard_outer', outer_loss=outer,
                                outer_views=method.outer_views | _views('student_nat', 'student_adv', teacher_view))
 
 
-def build_method(cfg: Any) -> Method:
+def build_method(cfg: Any, *, axis_name: str | None = None) -> Method:
     """Build the `Method` described by ``config.method`` (any object with attribute access).
 
     Only the fields the chosen method uses are read; a missing or invalid one raises ValueError naming
-    ``config.method.<field>``.
+    ``config.method.<field>``. ``axis_name``: the data-parallel axis when the losses run per device inside
+    ``shard_map``/``pmap``; the MMARD triangle then takes its InfoNCE over the global batch (all-gather), so
+    its per-device value is this device's share and the mean over devices is the single-device loss.
+    Mean-reduced terms ('mean', 'batchmean', means over examples) need nothing: the step's ``pmean`` makes them
+    global; a 'sum' reduction becomes the global sum divided by the device count.
     """
     name = _choice(cfg, 'name', METHOD_NAMES)
     add_inner = name == 'mmard' or _flag(cfg, 'mmard_inner')
@@ -211,5 +215,5 @@ def build_method(cfg: Any) -> Method:
     if add_inner:
         method = _with_mmard_inner(method, cfg)
     if add_outer:
-        method = _with_mmard_outer(method, cfg)
+        method = _with_mmard_outer(method, cfg, axis_name)
     return method

@@ -303,7 +303,9 @@ class PreemptionGuard:
         return False
 
 
-def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int, method: Method) -> StepSpec:
+def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepSpec:
+    """The step of ``job``; batch-level loss terms (InfoNCE) see the global batch through the 'data' axis."""
+    method = build_method(job.method_cfg, axis_name=parallel.DATA_AXIS)
     axis = parallel.DATA_AXIS if config.parallel.sync_batch_stats else None
     student = build_module(job.model_cfg, num_classes, dtype=config.dtype, bn_axis_name=axis)
     teacher = job.teacher.module if job.teacher is not None else None
@@ -372,8 +374,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
             "lower the optim.batch_size field"
         )
     total_steps = optim.epochs * steps_per_epoch
-    method = build_method(job.method_cfg)
-    spec = step_spec(job, config, dataset.num_classes, steps_per_epoch, method)
+    spec = step_spec(job, config, dataset.num_classes, steps_per_epoch)
     step_fn = make_train_step(spec, mesh)
 
     plain_module = build_module(job.model_cfg, dataset.num_classes, dtype=config.dtype)
@@ -448,7 +449,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                         )
                         log.write("throughput", step, {"images_per_second": rate, "lr": float(lr_at(step - 1))})
                     progress.update(1)
-                    if step % config.checkpoint.every_steps == 0:
+                    if step % config.checkpoint.every_steps == 0 and step % steps_per_epoch:
                         _record(pending, log, epoch_sums, config.log.every_steps)
                         pending = None
                         save(step)

@@ -148,6 +148,29 @@ def test_info_nce_invariant_to_row_shift_and_scale():
                                losses.info_nce(u, v, mask_same_class=False), rtol=1e-5)
 
 
+def test_info_nce_over_8_devices_matches_the_global_batch():
+    """Per-device shares average to the full-batch value; the in-body gradient / 8 is the full-batch gradient."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    rng = np.random.default_rng(4)
+    u, v = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32), jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, 16), jnp.int32)
+
+    def local(u, v, y):
+        return losses.info_nce(u, v, y, tau=0.5, axis_name='data')
+
+    def body(u, v, y):
+        value, grad = jax.value_and_grad(local)(u, v, y)
+        return jax.lax.pmean(value, 'data'), grad / 8
+
+    spec = jax.sharding.PartitionSpec('data')
+    value, grad = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=(jax.sharding.PartitionSpec(),
+                                                                                  spec)))(u, v, labels)
+    global_value, global_grad = jax.value_and_grad(losses.info_nce)(u, v, labels, tau=0.5)
+    np.testing.assert_allclose(value, global_value, rtol=1e-5)
+    np.testing.assert_allclose(value, np_info_nce(u, v, np.asarray(labels), 0.5, True), rtol=1e-5)
+    np.testing.assert_allclose(grad, global_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_info_nce_needs_labels_to_mask():
     with pytest.raises(ValueError, match='labels'):
         losses.info_nce(P, Q)

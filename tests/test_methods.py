@@ -122,6 +122,23 @@ def test_methods_are_hashable_static_jit_arguments():
     assert len(traces) == 2
 
 
+def test_axis_name_makes_the_sharded_outer_loss_the_global_one():
+    cfg = method_config('mmard')
+    sharded_method, single_method = methods.build_method(cfg, axis_name='data'), methods.build_method(cfg)
+    views = keep_only(random_views(), single_method.outer_views)
+    labels = jnp.tile(LABELS, 2)
+    views = jax.tree.map(lambda z: jnp.concatenate([z, z[::-1] + 1.0]), views)  # 16 rows, 2 per device
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+
+    def body(views, labels):
+        return jax.lax.pmean(sharded_method.outer_loss(views, labels, jnp.int32(0)), 'data')
+
+    rows, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
+    sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=rows, out_specs=replicated))(views, labels)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), sharded,
+                 single_method.outer_loss(views, labels, jnp.int32(0)))
+
+
 def _linear_nets():
     rng = np.random.default_rng(0)
     student = jnp.asarray(rng.normal(size=(6, C)), jnp.float32)
