@@ -49,6 +49,7 @@ def get_config():
     config.eval.pgd_steps = 40  # PGD-40, α = 0.01 (METHOD.md §4, MNIST)
     config.eval.pgd_step_size = 0.01
     config.eval.cw_step_size = 0.01
+    config.eval.periodic_pgd_step_size = 0.04  # periodic PGD-10 for the best checkpoint: 10 x 0.04 reaches past ε
     config.eval.unroll = 10
     config.eval.batch_size = 200
     config.checkpoint.every_steps = 200

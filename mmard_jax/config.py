@@ -6,14 +6,12 @@ comment naming its source. :func:`validate` turns a bad value into a ``ValueErro
 
 from __future__ import annotations
 
+import copy
 import math
 
 import ml_collections
 
 from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
-KL_REDUCTIONS = ("mean", "batchmean", "sum")
-BOUNDARY_TERMS = ("kl", "entropy", "margin")
-TEACHER_VERTICES = ("adversarial", "natural")
 PGD_INITS = ("none", "normal", "uniform")
 NORMS = ("linf", "l2")
 SCHEDULES = ("piecewise", "cosine", "constant")
@@ -108,6 +106,7 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
             "num_examples": 0,  # 0 = the full test split
             "every_epochs": 1,  # periodic clean + PGD evaluation on the holdout (or test) split
             "periodic_pgd_steps": 10,  # PGD steps of the periodic evaluation (cheap model selection)
+            "periodic_pgd_step_size": 2.0 / 255.0,  # its step size: steps * step size must exceed eps
             "fgsm": True,
             "pgd_steps": 20,  # PGD-20 (CIFAR); the MNIST config sets 40
             "pgd_step_size": 2.0 / 255.0,
@@ -225,6 +224,8 @@ def _check_attack(prefix: str, attack) -> None:
     _check_choice(f"{prefix}.norm", attack.norm, NORMS)
     if attack.unroll < 1:
         _fail(f"{prefix}.unroll", f"{attack.unroll} must be >= 1 (1 = rolled loop)")
+    if attack.norm == "linf":
+        _check_reach(f"{prefix}.step_size", attack.steps, attack.step_size, attack.eps)
 
 
 def _check_optim(prefix: str, optim, device_count: int) -> None:
@@ -254,26 +255,31 @@ def _check_model(prefix: str, model) -> None:
         _fail(f"{prefix}.std", f"{tuple(model.std)} must be > 0")
 
 
-def _check_method(prefix: str, method, teacher_free: bool | None = None) -> None:
-    from mmard_jax.methods import METHOD_NAMES
+def _check_method(prefix: str, method) -> None:
+    """Builds the method once: the registry names the bad field; we point it at this section of the config."""
+    from mmard_jax.methods import build_method
 
-    _check_choice(f"{prefix}.name", method.name, METHOD_NAMES)
-    is_free = method.name in TEACHER_FREE_METHODS
-    if teacher_free is True and not is_free:
-        _fail(f"{prefix}.name", f"{method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
-    _check_choice(f"{prefix}.kl_reduction", method.kl_reduction, KL_REDUCTIONS)
-    _check_choice(f"{prefix}.boundary", method.boundary, BOUNDARY_TERMS)
-    _check_choice(f"{prefix}.teacher_vertex", method.teacher_vertex, TEACHER_VERTICES)
-    if method.temperature <= 0:
-        _fail(f"{prefix}.temperature", f"{method.temperature} must be > 0")
-    if method.tau_mi <= 0:
-        _fail(f"{prefix}.tau_mi", f"{method.tau_mi} must be > 0")
-    if len(method.mi_weights) != 3:
-        _fail(f"{prefix}.mi_weights", "needs three edge weights (w_ab, w_at, w_bt)")
-    for field in ("gamma", "mi_beta", "trades_beta", "iad_beta", "rslad_adv_weight"):
-        value = getattr(method, field)
-        if not math.isfinite(value) or value < 0:
-            _fail(f"{prefix}.{field}", f"{value} must be finite and >= 0")
+    try:
+        build_method(method)
+    except ValueError as e:
+        raise ValueError(str(e).replace("config.method.", f"config.{prefix}.")) from None
+
+
+def _check_reach(field: str, steps: int, step_size: float, eps: float) -> None:
+    """An L∞ PGD whose steps cannot reach the ε-ball's edge understates robustness."""
+    if steps > 0 and steps * step_size < eps * (1 - 1e-9):
+        _fail(field, f"{steps} steps of {step_size:g} cannot reach ε = {eps:g}; raise the step size or the steps")
+
+
+def student_method_config(config, name: str):
+    """The method section of one student run: the main method keeps its MMARD flags, baselines run plain."""
+    method = copy.deepcopy(config.method)
+    with method.unlocked():
+        method.name = name
+        if name != config.method.name:
+            method.mmard_inner = False
+            method.mmard_outer = False
+    return method
 
 
 def validate(config, device_count: int = 1) -> None:
@@ -287,7 +293,9 @@ def validate(config, device_count: int = 1) -> None:
         _fail("data.crop_padding", f"{config.data.crop_padding} must be >= 0")
     _check_model("student.model", config.student.model)
     _check_model("teacher.model", config.teacher.model)
-    _check_method("teacher.method", config.teacher.method, teacher_free=True)
+    _check_method("teacher.method", config.teacher.method)
+    if config.teacher.method.name not in TEACHER_FREE_METHODS:
+        _fail("teacher.method.name", f"{config.teacher.method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
     _check_attack("teacher.attack", config.teacher.attack)
     _check_optim("teacher.optim", config.teacher.optim, device_count)
     _check_method("method", config.method)
@@ -296,8 +304,7 @@ def validate(config, device_count: int = 1) -> None:
     for name in student_methods(config):
         if name not in METHOD_NAMES:
             _fail("baselines", f"unknown method {name!r}; valid methods: {', '.join(METHOD_NAMES)}")
-    if config.method.name in TEACHER_FREE_METHODS and (config.method.mmard_inner or config.method.mmard_outer):
-        _fail("method.mmard_inner", f"MMARD parts need a distillation base, not {config.method.name!r}")
+        _check_method("method", student_method_config(config, name))
     _check_attack("attack", config.attack)
     _check_optim("optim", config.optim, device_count)
     if not 0.0 <= config.eval.eps <= 1.0:
@@ -306,9 +313,14 @@ def validate(config, device_count: int = 1) -> None:
         _fail("eval.batch_size", f"{config.eval.batch_size} must be a positive multiple of the device count ({device_count})")
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", f"{config.eval.num_examples} must be >= 0 (0 = all)")
-    for field in ("pgd_step_size", "cw_step_size"):
+    for field in ("pgd_step_size", "cw_step_size", "periodic_pgd_step_size"):
         if getattr(config.eval, field) <= 0:
             _fail(f"eval.{field}", f"{getattr(config.eval, field)} must be > 0")
+    _check_reach("eval.pgd_step_size", config.eval.pgd_steps, config.eval.pgd_step_size, config.eval.eps)
+    _check_reach("eval.cw_step_size", config.eval.cw_steps, config.eval.cw_step_size, config.eval.eps)
+    _check_reach(
+        "eval.periodic_pgd_step_size", config.eval.periodic_pgd_steps, config.eval.periodic_pgd_step_size, config.eval.eps
+    )
     _check_choice("eval.checkpoint", config.eval.checkpoint, ("best", "last"))
     if config.checkpoint.keep < 1:
         _fail("checkpoint.keep", f"{config.checkpoint.keep} must be >= 1")

@@ -94,7 +94,9 @@ def periodic_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     steps = eval_cfg.periodic_pgd_steps
     return (
         AttackSpec("clean"),
-        AttackSpec("pgd", eps=eval_cfg.eps, step_size=eval_cfg.pgd_step_size, steps=steps, unroll=min(eval_cfg.unroll, steps)),
+        AttackSpec(
+            "pgd", eps=eval_cfg.eps, step_size=eval_cfg.periodic_pgd_step_size, steps=steps, unroll=min(eval_cfg.unroll, steps)
+        ),
     )
 
 

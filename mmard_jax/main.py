@@ -11,7 +11,6 @@ Any config field can be overridden: ``--config.optim.epochs=10``.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import logging
@@ -28,22 +27,13 @@ flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metri
 EXIT_USAGE = 2
 EXIT_NONFINITE = 1
 
+logger = logging.getLogger(__name__)
+
 
 def _networks():
     from mmard_jax import networks
 
     return networks
-
-
-def method_config_for(config, name: str):
-    """The method section for one student run: the main method keeps its MMARD flags, baselines run plain."""
-    method = copy.deepcopy(config.method)
-    with method.unlocked():
-        method.name = name
-        if name != config.method.name:
-            method.mmard_inner = False
-            method.mmard_outer = False
-    return method
 
 
 def _periodic_eval(config, dataset, mesh):
@@ -92,7 +82,13 @@ def teacher_network(config, dataset, mesh, workdir: str, may_train: bool):
         return networks.Network(module, variables)
     teacher_dir = os.path.join(workdir, "teacher")
     if not may_train:
-        variables, _ = ckpt_lib.load_variables(os.path.join(teacher_dir, "checkpoints"), config.eval.checkpoint, signature)
+        try:
+            variables, _ = ckpt_lib.load_variables(os.path.join(teacher_dir, "checkpoints"), config.eval.checkpoint, signature)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no trained teacher in {teacher_dir}: add 'teacher' to config.stages to train one, "
+                "or set config.teacher.checkpoint to a teacher run directory"
+            ) from None
         return networks.Network(module, variables)
     job = train.Job(
         name="teacher",
@@ -114,7 +110,7 @@ def train_students(config, dataset, mesh, workdir: str, teacher) -> None:
     from mmard_jax.methods import build_method
 
     for name in config_lib.student_methods(config):
-        method_cfg = method_config_for(config, name)
+        method_cfg = config_lib.student_method_config(config, name)
         job = train.Job(
             name=name,
             workdir=os.path.join(workdir, "students", name),
@@ -166,7 +162,7 @@ def final_evaluation(config, dataset, mesh, workdir: str, teacher) -> dict:
         if config.eval.autoattack:
             acc["autoattack"] = _autoattack_accuracy(config, dataset, network)
         results[name] = {"accuracy": acc, "checkpoint": which, "num_examples": count}
-        logging.info("%s: %s", name, acc)
+        logger.info("%s: %s", name, acc)
 
     notes = [
         f"{count} test examples of {config.data.name}; ε = {config.eval.eps:g}; "
@@ -224,7 +220,7 @@ def run(config, workdir: str) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     dataset = load_dataset(config.data)
     mesh = parallel.make_mesh()
-    logging.info(
+    logger.info(
         "data %s: %d train / %d test, %d classes; %d devices",
         config.data.name,
         len(dataset.train.labels),
@@ -234,12 +230,17 @@ def run(config, workdir: str) -> dict | None:
     )
     from mmard_jax.methods import build_method
 
-    needs_teacher = "eval" in stages or any(
-        build_method(method_config_for(config, n)).needs_teacher for n in config_lib.student_methods(config)
+    distill_needs_teacher = "distill" in stages and any(
+        build_method(config_lib.student_method_config(config, n)).needs_teacher for n in config_lib.student_methods(config)
     )
     teacher = None
-    if needs_teacher and ("teacher" in stages or config.teacher.checkpoint or "distill" in stages or "eval" in stages):
+    if "teacher" in stages or distill_needs_teacher:
         teacher = teacher_network(config, dataset, mesh, workdir, may_train="teacher" in stages)
+    elif "eval" in stages:
+        try:
+            teacher = teacher_network(config, dataset, mesh, workdir, may_train=False)
+        except FileNotFoundError as e:
+            logger.info("no teacher to evaluate (%s)", e)
     if "distill" in stages:
         train_students(config, dataset, mesh, workdir, teacher)
     if "eval" in stages:
@@ -247,12 +248,26 @@ def run(config, workdir: str) -> dict | None:
     return None
 
 
+def configure_logging() -> None:
+    """Our messages at INFO on stderr; the libraries' (Orbax, absl) only from ERROR up."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    package = logging.getLogger("mmard_jax")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/mnist5k.py")
-    logging.getLogger().setLevel(logging.INFO)
+    configure_logging()
     from mmard_jax import checkpoint as ckpt_lib
     from mmard_jax import train
 

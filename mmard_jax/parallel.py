@@ -15,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
+logger = logging.getLogger(__name__)
+
 
 def make_mesh(devices=None) -> Mesh:
     """A 1-axis ('data',) mesh over ``devices`` (default: all devices of all processes)."""
@@ -57,7 +59,7 @@ def initialize_distributed(parallel_cfg) -> None:
         jax.distributed.initialize()
     else:
         return
-    logging.info(
+    logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
         jax.process_count(),

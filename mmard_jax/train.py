@@ -37,6 +37,8 @@ from mmard_jax.networks import Network, abstract_variables, build_module, infere
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to resume
 
+logger = logging.getLogger(__name__)
+
 
 class TrainState(flax.struct.PyTreeNode):
     """Everything that changes during training; the teacher is never part of it."""
@@ -294,7 +296,7 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        logger.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -401,7 +403,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     teacher_vars = parallel.replicate(job.teacher.variables, mesh) if job.teacher is not None else None
     lr_at = learning_rate_schedule(optim, steps_per_epoch)
     if start_step:
-        logging.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
+        logger.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
 
     def save(step: int, extra: dict | None = None, wait: bool = False):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -83,6 +83,8 @@ def test_unknown_override_field_is_refused():
         ("baselines", "rslad,unknown", "config.baselines"),
         ("eval.checkpoint", "first", "config.eval.checkpoint"),
         ("dtype", "float16", "config.dtype"),
+        ("eval.pgd_step_size", 1e-4, "config.eval.pgd_step_size"),  # 20 steps cannot reach 8/255
+        ("attack.steps", 2, "config.attack.step_size"),  # 2 x 2/255 cannot reach 8/255
     ],
 )
 def test_validation_names_the_bad_field(field, value, message):

@@ -138,7 +138,7 @@ def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, target
             loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
             reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
 
-    state = jax.lax.fori_loop(0, n_iter, body, state)
+    state = jax.lax.fori_loop(0, n_iter, body, state, unroll=int(__import__("os").environ.get("UNROLL", "1")))
     fooled = attack_mask & ~state["robust"]
     return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
 

@@ -167,7 +167,7 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels
         return x1, best, best_distance
 
     init = (x1, x, jnp.full((batch,), NO_DISTANCE, x.dtype))
-    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init)
+    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init, unroll=int(__import__("os").environ.get("UNROLL", "1")))
     # Reference `perturb`: a success must be misclassified and within eps.
     candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
     fooled = (attack_mask & ~predicted_correctly(logits_fn(candidate), labels)
