@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
-PGD_INITS = ("none", "normal", "uniform")
+PGD_INITS = ("method", "none", "normal", "uniform")
 NORMS = ("linf", "l2")
 SCHEDULES = ("piecewise", "cosine", "constant")
 STAGES = ("teacher", "distill", "eval")
@@ -32,14 +32,16 @@ def model_config(name: str, **kwargs) -> ml_collections.ConfigDict:
     )
 
 
-def attack_config(eps: float, step_size: float, steps: int, init: str) -> ml_collections.ConfigDict:
+def attack_config(eps: float, step_size: float, steps: int, init: str = "method") -> ml_collections.ConfigDict:
     """The PGD attack used inside training (METHOD.md §1)."""
     return ml_collections.ConfigDict(
         {
             "eps": eps,
             "step_size": step_size,
             "steps": steps,
-            "init": init,  # 'none' | 'normal' (x + init_scale*N(0,1)) | 'uniform' (x + U(-eps, eps))
+            # 'method' (the method's reference start: uniform for PGD-AT/ARD/IAD, normal for TRADES/RSLAD/AdaAD/MMARD)
+            # | 'none' | 'normal' (x + init_scale*N(0,1)) | 'uniform' (x + U(-eps, eps))
+            "init": init,
             "init_scale": 0.001,  # σ of the 'normal' init (RSLAD, AdaAD, TRADES code)
             "norm": "linf",
             # lax.fori_loop unroll: 1 = rolled (right on GPU/TPU); >= steps = fully unrolled, 3-7x faster on
@@ -150,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
             "checkpoint": "",  # Orbax checkpoint of a trained teacher; '' = train one into workdir/teacher
             "method": method_config("trades"),  # teacher training: 'trades' | 'pgd_at'
             # TRADES CIFAR-10: eps 0.031, step 0.007, 10 steps, init x + 0.001 N(0, 1)
-            "attack": attack_config(0.031, 0.007, 10, "normal"),
+            "attack": attack_config(0.031, 0.007, 10),
             # TRADES CIFAR-10 recipe: SGD 0.1, wd 2e-4, 100 epochs, decay at 75 and 90, batch 128
             "optim": optim_config(100, 0.1, 2e-4, (75, 90), 128),
         }
@@ -159,7 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.student = ml_collections.ConfigDict({"model": model_config("resnet18")})
     c.method = method_config("mmard")
-    c.attack = attack_config(8.0 / 255.0, 2.0 / 255.0, 10, "normal")  # RSLAD: PGD-10, ε 8/255, α 2/255
+    c.attack = attack_config(8.0 / 255.0, 2.0 / 255.0, 10)  # RSLAD: PGD-10, ε 8/255, α 2/255
     # RSLAD recipe: SGD 0.1, momentum 0.9, wd 2e-4, 300 epochs, decay at 215/260/285, batch 128
     c.optim = optim_config(300, 0.1, 2e-4, (215, 260, 285), 128)
     c.eval = eval_config(8.0 / 255.0)

@@ -65,6 +65,7 @@ class Method:
     outer_views: frozenset[str]
     attack_student_train_mode: bool
     needs_teacher: bool
+    attack_init: str = 'normal'  # the reference code's PGD start: 'uniform' (x + U(-ε, ε)) or 'normal' (x + 0.001·N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ def _teacher_training_method(name: str, cfg: Any) -> Method:
                      reduction=_choice(cfg, 'kl_reduction', KL_REDUCTIONS))
         outer_views = _views('student_nat', 'student_adv')
     return Method(name=name, inner_loss=inner, outer_loss=outer, inner_views=inner_views, outer_views=outer_views,
-                  attack_student_train_mode=False, needs_teacher=False)
+                  attack_student_train_mode=False, needs_teacher=False,
+                  attack_init='uniform' if name == 'pgd_at' else 'normal')
 
 
 def _distillation_method(base: str, cfg: Any) -> Method:
@@ -158,7 +160,8 @@ def _distillation_method(base: str, cfg: Any) -> Method:
                          warmup_epochs=_count(cfg, 'iad_warmup_epochs'))
             outer_views = _views('student_nat', 'student_adv', 'teacher_nat', 'teacher_adv')
         return Method(name=base, inner_loss=losses.ce_inner, outer_loss=outer, inner_views=_views('student_adv'),
-                      outer_views=outer_views, attack_student_train_mode=True, needs_teacher=True)
+                      outer_views=outer_views, attack_student_train_mode=True, needs_teacher=True,
+                      attack_init='uniform')
     if base == 'rslad':
         inner, inner_views = losses.rslad_inner, _views('student_adv', 'teacher_nat')
         outer = bind(losses.rslad_outer, adv_weight=_real(cfg, 'rslad_adv_weight', high=1.0), reduction=reduction)
@@ -178,7 +181,7 @@ def _with_mmard_inner(method: Method, cfg: Any) -> Method:
     return dataclasses.replace(
         method, name=f'{method.name}+mmard_inner',
         inner_loss=bind(losses.mmard_inner, gamma=_real(cfg, 'gamma'), boundary=boundary),
-        inner_views=inner_views, attack_student_train_mode=False)
+        inner_views=inner_views, attack_student_train_mode=False, attack_init='normal')
 
 
 def _with_mmard_outer(method: Method, cfg: Any, axis_name: str | None) -> Method:

@@ -321,7 +321,7 @@ def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepS
         eps=attack.eps,
         step_size=attack.step_size,
         attack_steps=attack.steps,
-        init=attack.init,
+        init=method.attack_init if attack.init == "method" else attack.init,
         init_scale=attack.init_scale,
         norm=attack.norm,
         unroll=attack.unroll,

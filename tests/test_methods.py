@@ -203,3 +203,25 @@ def test_missing_field_names_the_field():
     del cfg['rslad_adv_weight']
     with pytest.raises(ValueError, match='config.method.rslad_adv_weight'):
         methods.build_method(cfg)
+
+
+@pytest.mark.parametrize(
+    "name, flags, expected",
+    [
+        ("pgd_at", {}, "uniform"),
+        ("trades", {}, "normal"),
+        ("ard", {}, "uniform"),
+        ("iad", {}, "uniform"),
+        ("rslad", {}, "normal"),
+        ("adaad", {}, "normal"),
+        ("mmard", {}, "normal"),
+        ("ard", {"mmard_inner": True}, "normal"),  # MMARD's inner loss replaces ARD's, with AdaAD's start
+        ("ard", {"mmard_outer": True}, "uniform"),
+    ],
+)
+def test_reference_attack_start_per_method(name, flags, expected):
+    """METHOD.md §2: PGD-AT and ARD/IAD start uniformly in the ball; TRADES, RSLAD, AdaAD at x + 0.001·N."""
+    cfg = default_method_config(name)
+    for field, value in flags.items():
+        setattr(cfg, field, value)
+    assert methods.build_method(cfg).attack_init == expected

@@ -8,7 +8,7 @@
 
 Names: ``resnet18``, ``preact_resnet18`` (kwarg ``final_bn``), ``wide_resnet`` (kwargs ``depth``,
 ``widen_factor``; aliases ``wrn-28-10``, ``wrn-34-10``, ``wrn-70-16``), ``mobilenet_v2``,
-``small_cnn`` (kwarg ``dropout_rate``), ``cnn`` (kwargs ``widths``, ``hidden``, ``use_bn``) and
+``small_cnn`` (kwarg ``dropout_rate``), ``cnn`` (kwargs ``widths``, ``hidden``, ``use_bn``, ``downsample``) and
 ``mlp`` (kwarg ``hidden``). Each model module documents its parameter naming.
 """
 
