@@ -44,7 +44,7 @@ def main() -> None:
         ref_robust = net(twin.to_torch(ref_adv)).argmax(1).numpy() == labels
     n = len(labels)
     lines = twin.header("AutoAttack (standard, L-inf): ours (JAX) vs the reference (PyTorch)") + [
-        f"- reference: github.com/fra31/auto-attack, run from a local checkout (not vendored)",
+        "- reference: github.com/fra31/auto-attack, run from a local checkout (not vendored)",
         f"- model: SmallCNN (conv16-conv32-fc100-fc10), PGD-5 adversarial training on 4,000 MNIST-5k "
         f"digits for {args.epochs} epochs at eps {args.eps}; evaluated on {n} held-out digits",
         f"- PyTorch twin: max |logit difference| over the evaluated digits = {twin_gap:.2e}",
@@ -57,9 +57,9 @@ def main() -> None:
         ref_value, our_value = ref_acc.get(attack, float("nan")), ours.per_attack.get(attack, float("nan"))
         lines.append(f"| {attack} | {ref_value:.2%} | {our_value:.2%} | {round((our_value - ref_value) * n):+d} |")
     both = int(np.sum(ref_robust & ours.robust_mask))
+    only_ref, only_ours = int(np.sum(ref_robust & ~ours.robust_mask)), int(np.sum(~ref_robust & ours.robust_mask))
     lines += ["", f"- final robust accuracy: reference {ref_robust.mean():.2%}, ours {ours.robust_accuracy:.2%}; "
-              f"robust under both: {both}, only under the reference: {int(np.sum(ref_robust & ~ours.robust_mask))}, "
-              f"only under ours: {int(np.sum(~ref_robust & ours.robust_mask))}",
+              f"robust under both: {both}, only under the reference: {only_ref}, only under ours: {only_ours}",
               f"- re-check failures (ours): {ours.recheck_failures}",
               f"- wall time on {n} examples (compilation included for ours): reference {ref_seconds:.1f} s, "
               f"ours {our_seconds:.1f} s", "", "## Reference log", "", "```",

@@ -40,6 +40,7 @@ def get_config():
     config.eval.cw_step_size = 0.05
     config.eval.periodic_pgd_steps = 2
     config.eval.periodic_pgd_step_size = 0.05
+    config.eval.autoattack = False
     config.checkpoint.every_steps = 10
     config.checkpoint.async_save = False
     config.log.every_steps = 5

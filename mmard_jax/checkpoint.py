@@ -123,6 +123,7 @@ def load_variables(run_dir: str, which: str, expected_signature: dict | None = N
     ``run_dir`` is a run directory of ours (holding latest/ and best/). 'best' falls back to 'last' when no best
     save exists (a run with no periodic evaluation).
     """
+    run_dir = os.path.abspath(run_dir)  # Orbax refuses relative paths
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"no checkpoint directory at {run_dir!r}")
     subdirs = ["best", "latest"] if which == "best" else ["latest"]

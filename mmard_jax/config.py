@@ -7,7 +7,6 @@ comment naming its source. :func:`validate` turns a bad value into a ``ValueErro
 from __future__ import annotations
 
 import copy
-import math
 
 import ml_collections
 
@@ -115,7 +114,7 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
             "cw_steps": 30,  # CW∞: 30 steps, κ = 50
             "cw_step_size": 2.0 / 255.0,
             "cw_kappa": 50.0,
-            "autoattack": False,  # AutoAttack (standard) in the final evaluation
+            "autoattack": True,  # AutoAttack (standard) in the final evaluation (every ARD paper reports it)
             "checkpoint": "best",  # which student checkpoint the final evaluation reads: 'best' | 'last'
             "unroll": 1,
         }

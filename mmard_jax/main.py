@@ -17,8 +17,17 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from mmard_jax import checkpoint as ckpt_lib
+from mmard_jax import config as config_lib
+from mmard_jax import evaluate, networks, parallel, reporting, train
+from mmard_jax.data import load_dataset
+from mmard_jax.attacks.autoattack import run_autoattack
+from mmard_jax.methods import build_method
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -30,14 +39,7 @@ EXIT_NONFINITE = 1
 logger = logging.getLogger(__name__)
 
 
-def _networks():
-    from mmard_jax import networks
-
-    return networks
-
-
 def _periodic_eval(config, dataset, mesh):
-    from mmard_jax import evaluate
 
     split = dataset.holdout if dataset.holdout is not None else dataset.test
     specs = evaluate.periodic_attacks(config.eval)
@@ -58,17 +60,12 @@ def _periodic_eval(config, dataset, mesh):
 
 
 def _train_job(job, config, dataset, mesh):
-    from mmard_jax import train
 
     return train.train(job, config, dataset, mesh, eval_fn=_periodic_eval(config, dataset, mesh))
 
 
 def teacher_network(config, dataset, mesh, workdir: str, may_train: bool):
     """The frozen teacher: from config.teacher.checkpoint, or trained (and cached) in WORKDIR/teacher."""
-    from mmard_jax import checkpoint as ckpt_lib
-    from mmard_jax import train
-
-    networks = _networks()
     module = networks.build_module(config.teacher.model, dataset.num_classes, dtype=config.dtype)
     signature = ckpt_lib.shape_signature(networks.abstract_variables(module, dataset.image_shape))
     if config.teacher.checkpoint:
@@ -105,9 +102,6 @@ def teacher_network(config, dataset, mesh, workdir: str, may_train: bool):
 
 
 def train_students(config, dataset, mesh, workdir: str, teacher) -> None:
-    from mmard_jax import config as config_lib
-    from mmard_jax import train
-    from mmard_jax.methods import build_method
 
     for name in config_lib.student_methods(config):
         method_cfg = config_lib.student_method_config(config, name)
@@ -125,11 +119,6 @@ def train_students(config, dataset, mesh, workdir: str, teacher) -> None:
 
 def final_evaluation(config, dataset, mesh, workdir: str, teacher) -> dict:
     """Evaluates the teacher and each student on the test split; writes results.json, results.md and curves.png."""
-    from mmard_jax import checkpoint as ckpt_lib
-    from mmard_jax import config as config_lib
-    from mmard_jax import evaluate, reporting
-
-    networks = _networks()
     specs = evaluate.final_attacks(config.eval)
     models = {}
     histories = {}
@@ -177,24 +166,23 @@ def final_evaluation(config, dataset, mesh, workdir: str, teacher) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": json.loads(config.to_json_best_effort()),
     }
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
     table = reporting.results_markdown(results, title=f"Robust accuracy (%) on {config.data.name}", notes=notes)
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    if any(histories.values()):
-        reporting.plot_curves(histories, os.path.join(workdir, "curves.png"))
-    print(table, flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(table)
+        if any(histories.values()):
+            reporting.plot_curves(histories, os.path.join(workdir, "curves.png"))
+        print(table, flush=True)
     return summary
 
 
 def _autoattack_accuracy(config, dataset, network) -> float:
-    from mmard_jax import evaluate
-    from mmard_jax.attacks.autoattack import run_autoattack
 
     images, labels = evaluate.evaluation_arrays(dataset.test, config.eval.num_examples)
     result = run_autoattack(
-        _networks().logits_function(network),
+        networks.logits_function(network),
         images,
         labels,
         eps=config.eval.eps,
@@ -208,12 +196,6 @@ def _autoattack_accuracy(config, dataset, network) -> float:
 
 def run(config, workdir: str) -> dict | None:
     """Runs the configured stages; returns the final evaluation summary (None without an eval stage)."""
-    import jax
-
-    from mmard_jax import config as config_lib
-    from mmard_jax import parallel
-    from mmard_jax.data import load_dataset
-
     parallel.initialize_distributed(config.parallel)
     config_lib.validate(config, jax.device_count())
     stages = config_lib.stages(config)
@@ -228,7 +210,6 @@ def run(config, workdir: str) -> dict | None:
         dataset.num_classes,
         jax.device_count(),
     )
-    from mmard_jax.methods import build_method
 
     distill_needs_teacher = "distill" in stages and any(
         build_method(config_lib.student_method_config(config, n)).needs_teacher for n in config_lib.student_methods(config)
@@ -250,8 +231,6 @@ def run(config, workdir: str) -> dict | None:
 
 def configure_logging() -> None:
     """Our messages at INFO on stderr; the libraries' (Orbax, absl) only from ERROR up."""
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.ERROR)
     package = logging.getLogger("mmard_jax")
     if not package.handlers:
@@ -268,8 +247,6 @@ def main(argv):
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/mnist5k.py")
     configure_logging()
-    from mmard_jax import checkpoint as ckpt_lib
-    from mmard_jax import train
 
     try:
         run(FLAGS.config, FLAGS.workdir)

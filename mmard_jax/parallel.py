@@ -49,6 +49,9 @@ def initialize_distributed(parallel_cfg) -> None:
     With ``coordinator_address`` set, the address/num_processes/process_id fields are used as given; on Cloud TPU
     and SLURM, ``num_processes = -1`` asks JAX to detect them from the environment.
     """
+    if parallel_cfg.coordinator_address or parallel_cfg.num_processes < 0:
+        # CPU processes exchange collectives through gloo (the setting only concerns the CPU client).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if parallel_cfg.coordinator_address:
         jax.distributed.initialize(
             coordinator_address=parallel_cfg.coordinator_address,

@@ -24,7 +24,10 @@ class MetricsLog:
         self._tb = None
         if self.enabled:
             os.makedirs(directory, exist_ok=True)
+            cut_short = _ends_mid_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
+            if cut_short:  # a kill mid-write left half a record: start our records on a line of their own
+                self._file.write("\n")
             if tensorboard:
                 from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
@@ -52,6 +55,14 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _ends_mid_line(path: str) -> bool:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _plain(value):

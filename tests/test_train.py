@@ -16,7 +16,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mmard_jax import checkpoint as ckpt_lib
-from mmard_jax import config as config_lib
 from mmard_jax import parallel, train
 from mmard_jax.config import model_config
 from mmard_jax.data import load_dataset
@@ -308,7 +307,7 @@ def run_main(workdir, *overrides, timeout=300):
 
 
 def test_main_end_to_end_on_the_tiny_config(tmp_path):
-    process = run_main(tmp_path)
+    process = run_main(os.path.relpath(tmp_path, ROOT))  # a relative --workdir, as users type it
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints/latest"):

@@ -15,8 +15,9 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask, example_keys, fold_keys,
-    merge_success, normalize, per_example, predicted_correctly, project)
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
+    example_keys, fold_keys, merge_success, normalize, per_example, predicted_correctly, project,
+    resolve_target_ranks)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -138,7 +139,7 @@ def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, target
             loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
             reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
 
-    state = jax.lax.fori_loop(0, n_iter, body, state, unroll=int(__import__("os").environ.get("UNROLL", "1")))
+    state = jax.lax.fori_loop(0, n_iter, body, state)
     fooled = attack_mask & ~state["robust"]
     return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
 
@@ -194,29 +195,31 @@ def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, nor
 
 
 def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
-                  norm: str = "linf", n_target_classes: int = 9, n_iter: int = 100,
+                  norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
                   n_restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
                   step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
                   min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
-                  example_ids=None, active=None) -> AttackOutput:
+                  target_ranks=None, example_ids=None, active=None) -> AttackOutput:
     """APGD-T: APGD on the targeted DLR loss (Croce & Hein 2020, Sec. 4), run once per target.
 
     The targets are the classes ranked 2 .. n_target_classes + 1 by the clean logits (AutoAttack
     'standard': 9 targets, 1 restart each, 100 iterations); each target attacks only rows not fooled yet.
-    Needs at least n_target_classes + 1 and at least 4 classes.
+    `target_ranks` runs only the given ranks instead (the runner passes one at a time so that each
+    target attacks only the points still robust). Needs more classes than the largest rank and >= 4.
     """
+    ranks = resolve_target_ranks(n_target_classes, target_ranks)
     images, labels, ids, attack_mask, eps, clean_logits, found = _prepare(
         logits_fn, images, labels, example_ids, active, eps, norm)
     n_classes = clean_logits.shape[-1]
-    if n_classes < 4 or n_target_classes + 1 > n_classes:
-        raise ValueError(f"n_target_classes={n_target_classes} needs more classes than the model's "
-                         f"{n_classes} (at most {n_classes - 1} targets, and the targeted DLR loss "
-                         "needs at least 4 classes)")
+    if n_classes < 4 or max(ranks) > n_classes:
+        raise ValueError(f"n_target_classes={n_target_classes} (target ranks {ranks}) needs more classes "
+                         f"than the model's {n_classes} (at most {n_classes - 1} targets, and the targeted "
+                         "DLR loss needs at least 4 classes)")
     settings = _Settings(norm, "dlr-targeted", n_iter, rho, momentum, step_size_factor,
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
                                           checkpoint_gap_decrement))
     keys = example_keys(key, ids)
-    for rank in range(2, n_target_classes + 2):
+    for rank in ranks:
         targets = losses.ranked_class(clean_logits, rank)
         found = _apgd_restarts(logits_fn, settings, images, labels, targets, fold_keys(keys, rank),
                                eps, attack_mask, n_restarts, found)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 NORMS = ("linf", "l2")
+N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the classes ranked 2..10
 NORMALIZE_EPS = 1e-12  # reference: the `+ 1e-12` in APGDAttack.normalize / SquareAttack.normalize
 
 
@@ -88,3 +89,11 @@ def merge_success(best: AttackOutput, new: AttackOutput, attacked: jax.Array) ->
     take = attacked & new.fooled & ~best.fooled
     adversarial = jnp.where(per_example(take, best.adversarial), new.adversarial, best.adversarial)
     return AttackOutput(adversarial, best.fooled | take)
+
+
+def resolve_target_ranks(n_target_classes: int, ranks=None) -> tuple[int, ...]:
+    """Ranks (by clean logit, 1 = prediction) of the target classes; 2 .. n_target_classes + 1 by default."""
+    ranks = tuple(range(2, n_target_classes + 2)) if ranks is None else tuple(int(r) for r in ranks)
+    if not ranks or min(ranks) < 2:
+        raise ValueError(f"target_ranks={ranks!r} must be non-empty ranks >= 2 (rank 1 is the prediction)")
+    return ranks

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask, example_keys, flat,
-    fold_keys, lp_norm, merge_success, normalize, per_example, predicted_correctly)
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
+    example_keys, flat, fold_keys, lp_norm, merge_success, normalize, per_example,
+    predicted_correctly, resolve_target_ranks)
 
 NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
 MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
@@ -167,7 +168,7 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels
         return x1, best, best_distance
 
     init = (x1, x, jnp.full((batch,), NO_DISTANCE, x.dtype))
-    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init, unroll=int(__import__("os").environ.get("UNROLL", "1")))
+    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init)
     # Reference `perturb`: a success must be misclassified and within eps.
     candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
     fooled = (attack_mask & ~predicted_correctly(logits_fn(candidate), labels)
@@ -176,16 +177,19 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels
 
 
 def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
-                 norm: str = "linf", n_target_classes: int = 9, n_iter: int = 100,
+                 norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 random_start_scale: float = 0.5, example_ids=None, active=None) -> AttackOutput:
+                 random_start_scale: float = 0.5, target_ranks=None, example_ids=None,
+                 active=None) -> AttackOutput:
     """FAB-T (FAB paper Sec. 3; AutoAttack Sec. 4) with AutoAttack's 'standard' settings as defaults.
 
     alpha_max = 0.1 (largest weight of the original point's projection), eta = 1.05 (overshoot),
     beta = 0.9 (backward step), 100 iterations, 9 targets (ranks 2..10 of the clean logits), 1 restart.
     Restarts after the first start at x + random_start_scale * eps * t / ||t|| (reference: 0.5).
-    Only examples found within eps count as fooled. Needs n_target_classes + 1 <= number of classes.
+    Only examples found within eps count as fooled. `target_ranks` runs only the given ranks instead.
+    Needs more classes than the largest target rank.
     """
+    ranks = resolve_target_ranks(n_target_classes, target_ranks)
     check_norm(norm)
     eps = jnp.float32(check_eps(eps))
     images = jnp.asarray(images, jnp.float32)
@@ -193,14 +197,14 @@ def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: fl
     ids, mask = default_ids_and_mask(images, example_ids, active)
     clean_logits = jax.jit(logits_fn)(images)
     n_classes = clean_logits.shape[-1]
-    if n_target_classes + 1 > n_classes:
-        raise ValueError(f"n_target_classes={n_target_classes} needs at most {n_classes - 1} targets "
-                         f"for a model with {n_classes} classes")
+    if max(ranks) > n_classes:
+        raise ValueError(f"n_target_classes={n_target_classes} (target ranks {ranks}) needs at most "
+                         f"{n_classes - 1} targets for a model with {n_classes} classes")
     correct = predicted_correctly(clean_logits, labels)
     found = AttackOutput(images, mask & ~correct)
     attack_mask = mask & correct
     keys = example_keys(key, ids)
-    for rank in range(2, n_target_classes + 2):
+    for rank in ranks:
         targets = losses.ranked_class(clean_logits, rank)
         for restart in range(n_restarts):
             settings = _Settings(norm, n_iter, alpha_max, eta, beta, restart > 0, random_start_scale)

@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmard_jax.attacks.autoattack.apgd import apgd, apgd_targeted
 from mmard_jax.attacks.autoattack.common import (
-    AttackOutput, LogitsFn, check_eps, check_norm, lp_norm, predicted_correctly)
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, lp_norm, predicted_correctly,
+    resolve_target_ranks)
 from mmard_jax.attacks.autoattack.fab import fab_targeted
 from mmard_jax.attacks.autoattack.square import square_attack
 
@@ -48,6 +49,19 @@ def _apgd_ce(logits_fn, images, labels, key, **kwargs) -> AttackOutput:
 
 _ATTACK_FUNCTIONS: dict[str, Callable[..., AttackOutput]] = {
     "apgd-ce": _apgd_ce, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square_attack}
+
+
+_TARGETED = ("apgd-t", "fab-t")
+
+
+def _passes(attack: str, settings: dict) -> list[tuple[str, dict]]:
+    """(log label, keyword arguments) of each pass: one per target rank for the targeted attacks, so
+    that, as in the reference, each target attacks only the points still robust."""
+    if attack not in _TARGETED:
+        return [(attack, settings)]
+    ranks = resolve_target_ranks(settings.get("n_target_classes", N_TARGET_CLASSES),
+                                 settings.get("target_ranks"))
+    return [(f"{attack} (target rank {rank})", {**settings, "target_ranks": (rank,)}) for rank in ranks]
 
 
 def _override_name(attack: str) -> str:
@@ -197,28 +211,29 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
     start = time.time()
     for attack in plan:
         key = jax.random.fold_in(root, STANDARD_ATTACKS.index(attack))
-        chunks = batches.split(np.flatnonzero(robust))
-        if progress:
-            import tqdm
-            chunks = tqdm.tqdm(chunks, desc=attack)
-        for index, rows in enumerate(chunks):
-            (x, y), ids, active = batches.place(rows, images_np, labels_np)
-            out = _ATTACK_FUNCTIONS[attack](logits_fn, x, y, key, eps=eps, norm=norm, example_ids=ids,
-                                            active=active, **settings[attack])
-            claimed = np.asarray(out.fooled)[:rows.size]
-            valid = np.asarray(_valid_adversarial(logits_fn, norm, x, out.adversarial, y,
-                                                  jnp.float32(eps), jnp.float32(RECHECK_TOLERANCE)))
-            accepted = claimed & valid[:rows.size]
-            rejected = int(np.sum(claimed & ~accepted))
-            robust[rows[accepted]] = False
-            adversarial[rows[accepted]] = np.asarray(out.adversarial)[:rows.size][accepted]
-            emit(f"{attack} - {index + 1}/{len(chunks)} - {int(accepted.sum())} out of {rows.size} "
-                 "successfully perturbed")
-            if rejected:
-                recheck_failures += rejected
-                emit(f"Warning: {attack} - {index + 1}/{len(chunks)} - the re-check rejected {rejected} "
-                     "claimed adversarial examples (outside the eps-ball or [0, 1], or classified "
-                     "correctly); they count as robust")
+        for label, kwargs in _passes(attack, settings[attack]):
+            chunks = batches.split(np.flatnonzero(robust))
+            if progress:
+                import tqdm
+                chunks = tqdm.tqdm(chunks, desc=label)
+            for index, rows in enumerate(chunks):
+                (x, y), ids, active = batches.place(rows, images_np, labels_np)
+                out = _ATTACK_FUNCTIONS[attack](logits_fn, x, y, key, eps=eps, norm=norm,
+                                                example_ids=ids, active=active, **kwargs)
+                claimed = np.asarray(out.fooled)[:rows.size]
+                valid = np.asarray(_valid_adversarial(logits_fn, norm, x, out.adversarial, y,
+                                                      jnp.float32(eps), jnp.float32(RECHECK_TOLERANCE)))
+                accepted = claimed & valid[:rows.size]
+                rejected = int(np.sum(claimed & ~accepted))
+                robust[rows[accepted]] = False
+                adversarial[rows[accepted]] = np.asarray(out.adversarial)[:rows.size][accepted]
+                where = f"{label} - {index + 1}/{len(chunks)}"
+                emit(f"{where} - {int(accepted.sum())} out of {rows.size} successfully perturbed")
+                if rejected:
+                    recheck_failures += rejected
+                    emit(f"Warning: {where} - the re-check rejected {rejected} claimed adversarial "
+                         "examples (outside the eps-ball or [0, 1], or classified correctly); they count "
+                         "as robust")
         per_attack[attack] = float(robust.mean())
         emit(f"robust accuracy after {attack.upper()}: {per_attack[attack]:.2%} "
              f"(total time {time.time() - start:.1f} s)")
