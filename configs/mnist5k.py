@@ -26,10 +26,10 @@ def get_config():
     config.teacher.attack.step_size = 0.04
     config.teacher.attack.steps = 10
     config.teacher.attack.unroll = 10  # fully unrolled: XLA:CPU runs rolled conv loops 3-7x slower
-    config.teacher.optim.epochs = 20
+    config.teacher.optim.epochs = 15
     config.teacher.optim.lr = 0.05
     config.teacher.optim.weight_decay = 5e-4
-    config.teacher.optim.decay_epochs = (15,)
+    config.teacher.optim.decay_epochs = (12,)
     config.teacher.optim.batch_size = 128
 
     # BatchNorm keeps the small student from collapsing to a constant output early in adversarial training.

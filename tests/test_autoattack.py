@@ -20,8 +20,9 @@ from mmard_jax.attacks.autoattack import (
 from mmard_jax.attacks.autoattack import runner as runner_module
 
 EPS = 0.1
-FAST = dict(apgd_ce=dict(n_iter=10), apgd_t=dict(n_iter=10, n_target_classes=3),
-            fab_t=dict(n_iter=10, n_target_classes=3), square=dict(n_queries=100))
+DEVICE_LOOP = dict(loop="device")  # for an MLP the rolled lax loops beat one dispatch per iteration
+FAST = dict(apgd_ce=dict(n_iter=10, **DEVICE_LOOP), apgd_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP),
+            fab_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP), square=dict(n_queries=100, **DEVICE_LOOP))
 N_EVAL = 48
 
 
@@ -199,12 +200,13 @@ def test_returned_examples_are_valid_and_counted_exactly(model, eval_set, autoat
 def test_each_attack_respects_the_ball_and_the_box(model, eval_set, norm, eps):
     images, labels = eval_set
     key = jax.random.key(3)
-    outputs = [apgd(model, images, labels, key, eps=eps, norm=norm, n_iter=10),
-               apgd_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2),
+    outputs = [apgd(model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
+               apgd_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
+                             **DEVICE_LOOP),
                fab_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
-                            n_restarts=2)]
+                            n_restarts=2, **DEVICE_LOOP)]
     if norm == "linf":
-        outputs.append(square_attack(model, images, labels, key, eps=eps, n_queries=100))
+        outputs.append(square_attack(model, images, labels, key, eps=eps, n_queries=100, **DEVICE_LOOP))
     for out in outputs:
         _assert_in_ball_and_box(out.adversarial, images, eps, norm)
         predictions = np.argmax(np.asarray(model(out.adversarial)), -1)
@@ -260,7 +262,7 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd20(robust_model, digits):
         key = jax.random.key(seed)
         pgd_robust += np.sum(np.argmax(np.asarray(robust_model(_pgd(robust_model, images, labels, eps, key))),
                                        -1) == labels)
-        apgd_robust += np.sum(~np.asarray(apgd(robust_model, images, labels, key, eps=eps).fooled))
+        apgd_robust += np.sum(~np.asarray(apgd(robust_model, images, labels, key, eps=eps, **DEVICE_LOOP).fooled))
     clean = np.sum(np.argmax(np.asarray(robust_model(images)), -1) == labels)
     assert 3 * clean > pgd_robust > 0.1 * 3 * len(labels)  # a meaningful comparison
     assert apgd_robust <= pgd_robust
@@ -272,9 +274,9 @@ def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set):
     eps = 0.2
     clean = _accuracy(masked, images, labels)
     gradient = run_autoattack(masked, images, labels, eps=eps, attacks=("apgd-ce",), log=None,
-                              apgd_ce=dict(n_iter=10))
+                              apgd_ce=dict(n_iter=10, **DEVICE_LOOP))
     square = run_autoattack(masked, images, labels, eps=eps, attacks=("square",), log=None,
-                            square=dict(n_queries=300))
+                            square=dict(n_queries=300, **DEVICE_LOOP))
     assert square.robust_accuracy <= 0.25 * clean
     assert square.robust_accuracy < gradient.robust_accuracy
 
@@ -327,3 +329,16 @@ def test_bad_arguments_raise_value_errors(model, eval_set):
         run_autoattack(model, images, labels, eps=EPS, apgd=dict(n_iter=3), log=None)
     with pytest.raises(ValueError, match="n_target_classes"):
         apgd_targeted(model, images, labels, jax.random.key(0), eps=EPS, n_target_classes=10)
+
+
+def test_device_and_host_loops_give_the_same_result(model, eval_set):
+    images, labels = eval_set
+    key = jax.random.key(5)
+    attacks = [functools.partial(apgd, n_iter=10), functools.partial(apgd_targeted, n_iter=10, n_target_classes=1),
+               functools.partial(fab_targeted, n_iter=10, n_target_classes=1),
+               functools.partial(square_attack, n_queries=50)]
+    for attack in attacks:
+        device = attack(model, images, labels, key, eps=EPS, loop="device")
+        host = attack(model, images, labels, key, eps=EPS, loop="host")
+        np.testing.assert_array_equal(np.asarray(device.fooled), np.asarray(host.fooled))
+        np.testing.assert_allclose(np.asarray(device.adversarial), np.asarray(host.adversarial), atol=1e-5)

@@ -17,7 +17,7 @@ from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
     N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
     example_keys, fold_keys, merge_success, normalize, per_example, predicted_correctly, project,
-    resolve_target_ranks)
+    resolve_target_ranks, run_fori, use_host_loop)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -83,39 +83,46 @@ def _oscillation_count(loss_steps, iteration, window):
     return jnp.sum(increased & in_window, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
-def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys, eps,
-                     attack_mask) -> AttackOutput:
-    """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
-    s = settings
-    n_iter = s.n_iter
-    is_checkpoint = np.zeros(n_iter, bool)
-    window_at = np.ones(n_iter, np.int32)
-    for iteration, window in s.checkpoints:
+def _checkpoint_tables(settings: _Settings):
+    is_checkpoint = np.zeros(settings.n_iter, bool)
+    window_at = np.ones(settings.n_iter, np.int32)
+    for iteration, window in settings.checkpoints:
         is_checkpoint[iteration], window_at[iteration] = True, window
-    is_checkpoint, window_at = jnp.asarray(is_checkpoint), jnp.asarray(window_at)
+    return jnp.asarray(is_checkpoint), jnp.asarray(window_at)
 
-    x_adv = _random_start(keys, x, eps, s.norm)
-    loss, logits, grad = _loss_value_and_grad(logits_fn, s.loss, x_adv, labels, targets)
-    robust = predicted_correctly(logits, labels)
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
+def _apgd_init(logits_fn: LogitsFn, settings: _Settings, consts, keys):
+    """State after the random start (reference: before the first iteration)."""
+    x, labels, targets, eps = consts
+    x_adv = _random_start(keys, x, eps, settings.norm)
+    loss, logits, grad = _loss_value_and_grad(logits_fn, settings.loss, x_adv, labels, targets)
     batch = x.shape[0]
-    state = dict(
+    return dict(
         x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=loss,
-        x_best_adv=x_adv, robust=robust,
-        step_size=jnp.full((batch,), s.step_size_factor, x.dtype) * eps,
-        loss_steps=jnp.zeros((n_iter, batch), x.dtype),
+        x_best_adv=x_adv, robust=predicted_correctly(logits, labels),
+        step_size=jnp.full((batch,), settings.step_size_factor, x.dtype) * eps,
+        loss_steps=jnp.zeros((settings.n_iter, batch), x.dtype),
         loss_best_last_check=loss, reduced_last_check=jnp.ones((batch,), bool))
 
-    def step_direction(grad):
-        return jnp.sign(grad) if s.norm == "linf" else normalize(grad, "l2")
 
-    def body(i, st):
+@dataclasses.dataclass(frozen=True)
+class _ApgdStep:
+    """Iteration i of Alg. 1: momentum step, best-point bookkeeping, step-size check at checkpoints."""
+    logits_fn: LogitsFn
+    settings: _Settings
+
+    def __call__(self, consts, i, st):
+        s = self.settings
+        x, labels, targets, eps = consts
+        is_checkpoint, window_at = _checkpoint_tables(s)
+        direction = jnp.sign(st["grad"]) if s.norm == "linf" else normalize(st["grad"], "l2")
         a = jnp.where(i > 0, s.momentum, 1.0)
         x_cur = st["x_adv"]
-        z = project(x_cur + per_example(st["step_size"], x) * step_direction(st["grad"]), x, eps, s.norm)
+        z = project(x_cur + per_example(st["step_size"], x) * direction, x, eps, s.norm)
         x_new = project(x_cur + (z - x_cur) * a + (x_cur - st["x_adv_old"]) * (1 - a), x, eps, s.norm)
 
-        loss, logits, grad = _loss_value_and_grad(logits_fn, s.loss, x_new, labels, targets)
+        loss, logits, grad = _loss_value_and_grad(self.logits_fn, s.loss, x_new, labels, targets)
         correct = predicted_correctly(logits, labels)
         x_best_adv = jnp.where(per_example(~correct, x), x_new, st["x_best_adv"])
         loss_steps = st["loss_steps"].at[i].set(loss)
@@ -127,8 +134,8 @@ def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, target
         window = window_at[i]
         oscillating = _oscillation_count(loss_steps, i, window) <= window * s.rho
         stalled = ~st["reduced_last_check"] & (st["loss_best_last_check"] >= loss_best)
-        halve = is_checkpoint[i] & (oscillating | stalled)
         check = is_checkpoint[i]
+        halve = check & (oscillating | stalled)
         return dict(
             x_adv=jnp.where(per_example(halve, x), x_best, x_new), x_adv_old=x_cur,
             grad=jnp.where(per_example(halve, x), grad_best, grad),
@@ -139,18 +146,24 @@ def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, target
             loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
             reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
 
-    state = jax.lax.fori_loop(0, n_iter, body, state)
+
+def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys, eps,
+                     attack_mask, host: bool) -> AttackOutput:
+    """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
+    consts = (x, labels, targets, eps)
+    state = _apgd_init(logits_fn, settings, consts, keys)
+    state = run_fori(_ApgdStep(logits_fn, settings), settings.n_iter, consts, state, host)
     fooled = attack_mask & ~state["robust"]
     return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
 
 
 def _apgd_restarts(logits_fn, settings, images, labels, targets, keys, eps, attack_mask,
-                   n_restarts, found: AttackOutput) -> AttackOutput:
+                   n_restarts, found: AttackOutput, host: bool) -> AttackOutput:
     """Reference `perturb`: each restart attacks only the rows not fooled yet."""
     for restart in range(n_restarts):
         attacked = attack_mask & ~found.fooled
         new = _apgd_single_run(logits_fn, settings, images, labels, targets,
-                               fold_keys(keys, restart), eps, attacked)
+                               fold_keys(keys, restart), eps, attacked, host)
         found = merge_success(found, new, attacked)
     return found
 
@@ -172,14 +185,15 @@ def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, nor
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
          momentum: float = 0.75, step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
          min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
-         example_ids=None, active=None) -> AttackOutput:
+         loop: str = "auto", example_ids=None, active=None) -> AttackOutput:
     """Untargeted APGD (Croce & Hein 2020, Sec. 3, Alg. 1) with loss 'ce' (APGD-CE) or 'dlr'.
 
     Defaults are AutoAttack's: 100 iterations, rho = 0.75 (oscillation threshold), momentum
     alpha = 0.75, initial step size 2 * eps, checkpoints p_1 = 0.22 / gap decrement 0.03 / minimum gap 0.06.
     The 'standard' version uses n_restarts = 1. `key` seeds the random starts; each example's key is
     folded from `example_ids` (default arange), so results do not depend on the batch it sits in.
-    Rows with active=False are returned unchanged and never fooled.
+    Rows with active=False are returned unchanged and never fooled. `loop` picks how iterations are
+    driven (common.use_host_loop: 'auto', 'device' or 'host'; same results).
     """
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted "
@@ -191,7 +205,7 @@ def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, nor
                                           checkpoint_gap_decrement))
     keys = example_keys(key, ids)
     return _apgd_restarts(logits_fn, settings, images, labels, labels, keys, eps, attack_mask,
-                          n_restarts, found)
+                          n_restarts, found, use_host_loop(loop))
 
 
 def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
@@ -199,7 +213,8 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
                   n_restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
                   step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
                   min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
-                  target_ranks=None, example_ids=None, active=None) -> AttackOutput:
+                  target_ranks=None, loop: str = "auto", example_ids=None,
+                  active=None) -> AttackOutput:
     """APGD-T: APGD on the targeted DLR loss (Croce & Hein 2020, Sec. 4), run once per target.
 
     The targets are the classes ranked 2 .. n_target_classes + 1 by the clean logits (AutoAttack
@@ -219,8 +234,9 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
                                           checkpoint_gap_decrement))
     keys = example_keys(key, ids)
+    host = use_host_loop(loop)
     for rank in ranks:
         targets = losses.ranked_class(clean_logits, rank)
         found = _apgd_restarts(logits_fn, settings, images, labels, targets, fold_keys(keys, rank),
-                               eps, attack_mask, n_restarts, found)
+                               eps, attack_mask, n_restarts, found, host)
     return found

@@ -20,7 +20,7 @@ from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
     N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
     example_keys, flat, fold_keys, lp_norm, merge_success, normalize, per_example,
-    predicted_correctly, resolve_target_ranks)
+    predicted_correctly, resolve_target_ranks, run_fori, use_host_loop)
 
 NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
 MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
@@ -117,8 +117,6 @@ class _Settings:
     alpha_max: float
     eta: float
     beta: float
-    random_start: bool
-    random_start_scale: float
 
 
 def _targeted_difference_and_grad(logits_fn, x, labels, targets):
@@ -132,24 +130,32 @@ def _targeted_difference_and_grad(logits_fn, x, labels, targets):
     return diff, grad
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
-def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys,
-                             eps, attack_mask) -> AttackOutput:
-    """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
-    s = settings
-    project = jax.vmap(_PROJECTIONS[s.norm])
-    x0 = flat(x)
+@functools.partial(jax.jit, static_argnames=("norm", "random_start"))
+def _fab_init(norm: str, random_start: bool, x, keys, eps, random_start_scale):
+    """Start at x, or (restarts after the first) at x + scale * eps * t / ||t||, clipped to [0, 1]."""
     x1 = x
-    if s.random_start:
-        sample = jax.random.uniform if s.norm == "linf" else jax.random.normal
-        kwargs = dict(minval=-1.0, maxval=1.0) if s.norm == "linf" else {}
+    if random_start:
+        sample = jax.random.uniform if norm == "linf" else jax.random.normal
+        kwargs = dict(minval=-1.0, maxval=1.0) if norm == "linf" else {}
         noise = jax.vmap(lambda k: sample(k, x.shape[1:], x.dtype, **kwargs))(keys)
-        x1 = jnp.clip(x + s.random_start_scale * eps * normalize(noise, s.norm), 0.0, 1.0)
-    batch = x.shape[0]
+        x1 = jnp.clip(x + random_start_scale * eps * normalize(noise, norm), 0.0, 1.0)
+    return x1, x, jnp.full((x.shape[0],), NO_DISTANCE, x.dtype)
 
-    def body(_, carry):
+
+@dataclasses.dataclass(frozen=True)
+class _FabStep:
+    """One FAB iteration: linearise z_t - z_y at x1, project x1 and x onto that hyperplane, take the
+    biased extrapolated step, keep the closest adversarial point and step back towards x after a success."""
+    logits_fn: LogitsFn
+    settings: _Settings
+
+    def __call__(self, consts, _, carry):
+        s = self.settings
+        x, labels, targets = consts
+        project = jax.vmap(_PROJECTIONS[s.norm])
         x1, best, best_distance = carry
-        diff, grad = _targeted_difference_and_grad(logits_fn, x1, labels, targets)
+        x0 = flat(x)
+        diff, grad = _targeted_difference_and_grad(self.logits_fn, x1, labels, targets)
         w = flat(grad)
         b = -diff + jnp.sum(w * flat(x1), axis=1)
         d1 = project(flat(x1), w, b)
@@ -159,7 +165,7 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, s.alpha_max)[:, None]
         x1_flat = jnp.clip((flat(x1) + s.eta * d1) * (1 - alpha) + (x0 + s.eta * d2) * alpha, 0.0, 1.0)
         x1 = x1_flat.reshape(x.shape)
-        is_adv = ~predicted_correctly(logits_fn(x1), labels)
+        is_adv = ~predicted_correctly(self.logits_fn(x1), labels)
         distance = lp_norm(x1 - x, s.norm)
         closer = is_adv & (distance < best_distance)
         best = jnp.where(per_example(closer, x), x1, best)
@@ -167,27 +173,38 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels
         x1 = jnp.where(per_example(is_adv, x), x + (x1 - x) * s.beta, x1)
         return x1, best, best_distance
 
-    init = (x1, x, jnp.full((batch,), NO_DISTANCE, x.dtype))
-    _, best, best_distance = jax.lax.fori_loop(0, s.n_iter, body, init)
-    # Reference `perturb`: a success must be misclassified and within eps.
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm"))
+def _fab_finish(logits_fn: LogitsFn, norm: str, x, labels, best, best_distance, eps, attack_mask):
+    """Reference `perturb`: a success must be misclassified and within eps."""
     candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
     fooled = (attack_mask & ~predicted_correctly(logits_fn(candidate), labels)
-              & (lp_norm(candidate - x, s.norm) <= eps))
+              & (lp_norm(candidate - x, norm) <= eps))
     return AttackOutput(jnp.where(per_example(fooled, x), candidate, x), fooled)
+
+
+def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, random_start: bool,
+                             random_start_scale: float, x, labels, targets, keys, eps, attack_mask,
+                             host: bool) -> AttackOutput:
+    """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
+    state = _fab_init(settings.norm, random_start, x, keys, eps, random_start_scale)
+    _, best, best_distance = run_fori(_FabStep(logits_fn, settings), settings.n_iter,
+                                      (x, labels, targets), state, host)
+    return _fab_finish(logits_fn, settings.norm, x, labels, best, best_distance, eps, attack_mask)
 
 
 def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
                  norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 random_start_scale: float = 0.5, target_ranks=None, example_ids=None,
-                 active=None) -> AttackOutput:
+                 random_start_scale: float = 0.5, target_ranks=None, loop: str = "auto",
+                 example_ids=None, active=None) -> AttackOutput:
     """FAB-T (FAB paper Sec. 3; AutoAttack Sec. 4) with AutoAttack's 'standard' settings as defaults.
 
     alpha_max = 0.1 (largest weight of the original point's projection), eta = 1.05 (overshoot),
     beta = 0.9 (backward step), 100 iterations, 9 targets (ranks 2..10 of the clean logits), 1 restart.
     Restarts after the first start at x + random_start_scale * eps * t / ||t|| (reference: 0.5).
     Only examples found within eps count as fooled. `target_ranks` runs only the given ranks instead.
-    Needs more classes than the largest target rank.
+    Needs more classes than the largest target rank. `loop`: see common.use_host_loop.
     """
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
     check_norm(norm)
@@ -204,12 +221,14 @@ def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: fl
     found = AttackOutput(images, mask & ~correct)
     attack_mask = mask & correct
     keys = example_keys(key, ids)
+    settings = _Settings(norm, n_iter, alpha_max, eta, beta)
+    host = use_host_loop(loop)
     for rank in ranks:
         targets = losses.ranked_class(clean_logits, rank)
         for restart in range(n_restarts):
-            settings = _Settings(norm, n_iter, alpha_max, eta, beta, restart > 0, random_start_scale)
             attacked = attack_mask & ~found.fooled
-            new = _fab_targeted_single_run(logits_fn, settings, images, labels, targets,
-                                           fold_keys(fold_keys(keys, rank), restart), eps, attacked)
+            new = _fab_targeted_single_run(logits_fn, settings, restart > 0, random_start_scale, images,
+                                           labels, targets, fold_keys(fold_keys(keys, rank), restart),
+                                           eps, attacked, host)
             found = merge_success(found, new, attacked)
     return found

@@ -19,7 +19,7 @@ import numpy as np
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
     AttackOutput, LogitsFn, check_eps, default_ids_and_mask, example_keys, fold_keys, merge_success,
-    per_example, predicted_correctly, project)
+    per_example, predicted_correctly, project, run_while, use_host_loop)
 
 # Reference `p_selection`: p = p_init / divisor once the iteration exceeds the bound (10 < it <= 50: /2, ...).
 P_SCHEDULE_BOUNDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -71,60 +71,84 @@ def _square_update(key, side, x_shape, eps, dtype):
     return window * (2.0 * eps) * _random_signs(k_sign, (1, 1, channels), dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
-def _square_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, keys, eps,
-                       attack_mask) -> AttackOutput:
-    """One Square run (reference `attack_single_run`, L-inf, margin loss) over a fixed-shape batch.
-
-    Each iteration costs one forward pass; rows already fooled (margin <= 0) or masked out are frozen
-    and the loop stops once no row is left to fool. Randomness is drawn per example.
-    """
-    s = settings
-    _, height, width, channels = x.shape
-    sides = jnp.asarray(square_sizes(s.n_queries, height, width, s.p_init, s.rescale_schedule))
-    init_keys = fold_keys(keys, s.n_queries)  # iterations fold in 0 .. n_queries - 1
-    stripes = jax.vmap(lambda k: _random_signs(k, (1, width, channels), x.dtype))(init_keys)
+@functools.partial(jax.jit, static_argnames=("logits_fn",))
+def _square_init(logits_fn: LogitsFn, x, labels, keys, eps):
+    """Vertical stripes: every column of every channel set to x +- eps (Square paper Alg. 2)."""
+    _, _, width, channels = x.shape
+    stripes = jax.vmap(lambda k: _random_signs(k, (1, width, channels), x.dtype))(keys)
     x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-    margin_min = losses.margin_loss(logits_fn(x_best), labels)
-    loss_min = margin_min
+    margin = losses.margin_loss(logits_fn(x_best), labels)
+    return x_best, margin, margin
 
-    def to_fool(margin):
-        return attack_mask & (margin > 0.0)
 
-    def cond(carry):
-        i, _, margin, _ = carry
-        return (i < s.n_queries) & jnp.any(to_fool(margin))
+def _left_to_fool(attack_mask, margin_min):
+    return attack_mask & (margin_min > 0.0)
 
-    def body(carry):
-        i, x_best, margin_min, loss_min = carry
-        active = to_fool(margin_min)
+
+@dataclasses.dataclass(frozen=True)
+class _AnyLeft:
+    def __call__(self, consts, state):
+        return jnp.any(_left_to_fool(consts[-1], state[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SquareStep:
+    """One query: add a random square to x_best, keep it if the margin loss drops or the point is
+    misclassified. Rows already fooled (margin <= 0) or masked out are left unchanged."""
+    logits_fn: LogitsFn
+    settings: _Settings
+
+    def __call__(self, consts, i, state):
+        s = self.settings
+        x, labels, keys, eps, attack_mask = consts
+        x_best, margin_min, loss_min = state
+        _, height, width, _ = x.shape
+        sides = jnp.asarray(square_sizes(s.n_queries, height, width, s.p_init, s.rescale_schedule))
+        active = _left_to_fool(attack_mask, margin_min)
         updates = jax.vmap(_square_update, in_axes=(0, None, None, None, None))(
             fold_keys(keys, i), sides[i], x.shape[1:], eps, x.dtype)
         x_new = project(x_best + updates, x, eps, "linf")
-        margin = losses.margin_loss(logits_fn(x_new), labels)
+        margin = losses.margin_loss(self.logits_fn(x_new), labels)
         loss = margin
         improved = loss < loss_min
         loss_min = jnp.where(active & improved, loss, loss_min)
         accept = active & (improved | (margin <= 0.0))
         margin_min = jnp.where(accept, margin, margin_min)
         x_best = jnp.where(per_example(accept, x), x_new, x_best)
-        return i + 1, x_best, margin_min, loss_min
+        return x_best, margin_min, loss_min
 
-    _, x_best, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_min, loss_min))
+
+@functools.partial(jax.jit, static_argnames=("logits_fn",))
+def _square_finish(logits_fn: LogitsFn, x, labels, x_best, attack_mask):
     fooled = attack_mask & ~predicted_correctly(logits_fn(x_best), labels)
     return AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled)
 
 
+def _square_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, keys, eps,
+                       attack_mask, host: bool) -> AttackOutput:
+    """One Square run (reference `attack_single_run`, L-inf, margin loss) over a fixed-shape batch.
+
+    Each iteration costs one forward pass; the loop stops once no row is left to fool. Randomness
+    is drawn per example.
+    """
+    state = _square_init(logits_fn, x, labels, fold_keys(keys, settings.n_queries), eps)
+    consts = (x, labels, keys, eps, attack_mask)
+    x_best, _, _ = run_while(_SquareStep(logits_fn, settings), _AnyLeft(), settings.n_queries, consts,
+                             state, host)
+    return _square_finish(logits_fn, x, labels, x_best, attack_mask)
+
+
 def square_attack(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
                   norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
-                  rescale_schedule: bool = False, example_ids=None, active=None) -> AttackOutput:
+                  rescale_schedule: bool = False, loop: str = "auto", example_ids=None,
+                  active=None) -> AttackOutput:
     """Untargeted Square Attack on the margin loss (Square paper Sec. 3, Alg. 2), L-inf only.
 
     Defaults are AutoAttack's: 5,000 queries per restart, 1 restart, p_init = 0.8, schedule of p
     halving after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 (not rescaled).
     Needs images [B, H, W, C] (NHWC). Unlike the reference, which shares one window position and
     sign per batch and iteration, every example draws its own (the paper's per-image sampling),
-    so results do not depend on the batch an example sits in.
+    so results do not depend on the batch an example sits in. `loop`: see common.use_host_loop.
     """
     if norm != "linf":
         raise ValueError(f"norm={norm!r}: square_attack supports only 'linf' here")
@@ -142,6 +166,6 @@ def square_attack(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     for restart in range(n_restarts):
         attacked = attack_mask & ~found.fooled
         new = _square_single_run(logits_fn, settings, images, labels, fold_keys(keys, restart), eps,
-                                 attacked)
+                                 attacked, use_host_loop(loop, host_on_cpu=False))
         found = merge_success(found, new, attacked)
     return found
