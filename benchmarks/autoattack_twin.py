@@ -172,6 +172,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=12, help="PGD adversarial training epochs")
     parser.add_argument("--model-cache", type=Path, default=Path("/tmp/autoattack_smallcnn.npz"),
                         help="npz of the trained weights, reused when present")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for the reference (default: torch's choice)")
 
 
 def setup(args):
@@ -181,6 +183,9 @@ def setup(args):
         raise FileNotFoundError(f"--reference-path {reference} holds no autoattack/autoattack.py: "
                                 "fetch github.com/fra31/auto-attack and point there")
     sys.path.insert(0, str(reference))
+    if args.torch_threads is not None:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     images, labels = load_mnist5k()
     logits_fn, params = trained_model(args.model_cache, images[:N_TRAIN], labels[:N_TRAIN],
                                       eps=args.eps, epochs=args.epochs, seed=args.seed)
@@ -194,12 +199,15 @@ def setup(args):
 
 def machine_description() -> str:
     import torch
-    return (f"{platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or 'unknown'}), "
+    return (f"{platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or 'unknown'}; "
+            f"this process may use {len(os.sched_getaffinity(0))}), "
             f"Python {platform.python_version()}, jax {jax.__version__} ({jax.devices()[0].platform}, "
             f"{jax.device_count()} devices), torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def header(title: str) -> list[str]:
-    command = "PYTHONPATH=. python " + " ".join(sys.argv)
+    pinned = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    prefix = "taskset -c " + ",".join(map(str, sorted(os.sched_getaffinity(0)))) + " " if pinned else ""
+    command = prefix + "PYTHONPATH=. python " + " ".join(sys.argv)
     return [f"# {title}", "", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
             f"- command: `{command}`", f"- machine: {machine_description()}"]

@@ -132,14 +132,16 @@ def load_variables(run_dir: str, which: str, expected_signature: dict | None = N
         if not os.path.isdir(path):
             continue
         manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        if step is None:
-            continue
-        meta = read_meta(manager)
-        if expected_signature is not None:
-            check_signature(meta, expected_signature, os.path.join(path, str(step)))
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-        manager.close()
+        try:
+            step = manager.latest_step()
+            if step is None:
+                continue
+            meta = read_meta(manager)
+            if expected_signature is not None:
+                check_signature(meta, expected_signature, os.path.join(path, str(step)))
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        finally:
+            manager.close()
         variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
         return variables, meta
     raise FileNotFoundError(f"no checkpoint under {run_dir!r} (looked in {', '.join(subdirs)})")

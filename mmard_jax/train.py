@@ -392,8 +392,12 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     latest_meta = checkpoints.read_meta("latest")
     if latest_meta is not None:
-        check_resumable(latest_meta, meta, checkpoints.directory)
-        state, latest_meta = checkpoints.restore_latest(abstract_state, signature)
+        try:
+            check_resumable(latest_meta, meta, checkpoints.directory)
+            state, latest_meta = checkpoints.restore_latest(abstract_state, signature)
+        except Exception:
+            checkpoints.close()  # Orbax's background threads would otherwise keep the process from exiting
+            raise
     best_meta = checkpoints.read_meta("best")
     best_pgd = best_meta["eval"]["pgd_acc"] if best_meta else None
     start_step = int(state.step)

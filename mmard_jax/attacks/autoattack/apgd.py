@@ -15,12 +15,9 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
-    example_keys, fold_keys, merge_success, normalize, per_example, predicted_correctly, project,
-    resolve_target_ranks, run_fori, use_host_loop)
-
-APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
-
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_target_ranks, example_keys, fold_keys,
+    merge_success, normalize, per_example, predicted_correctly, prepare_batch, project,
+    random_start, resolve_target_ranks, run_fori, use_host_loop)
 
 def apgd_checkpoints(n_iter: int, first_fraction: float = 0.22, min_fraction: float = 0.06,
                      decrement_fraction: float = 0.03) -> tuple[tuple[int, int], ...]:
@@ -66,14 +63,6 @@ def _loss_value_and_grad(logits_fn: LogitsFn, loss: str, x, labels, targets):
     return per_ex, logits, grad
 
 
-def _random_start(keys, x, eps, norm):
-    """x + eps * t / ||t|| with t ~ U[-1, 1] (L-inf) or N(0, 1) (L2), clipped to [0, 1]."""
-    sample = jax.random.uniform if norm == "linf" else jax.random.normal
-    kwargs = dict(minval=-1.0, maxval=1.0) if norm == "linf" else {}
-    noise = jax.vmap(lambda k: sample(k, x.shape[1:], x.dtype, **kwargs))(keys)
-    return jnp.clip(x + eps * normalize(noise, norm), 0.0, 1.0)
-
-
 def _oscillation_count(loss_steps, iteration, window):
     """#{j in (iteration - window, iteration]: loss_j > loss_{j-1}}; index -1 wraps to the (still zero)
     last row, exactly as the reference's Python indexing does at the first checkpoint."""
@@ -95,7 +84,7 @@ def _checkpoint_tables(settings: _Settings):
 def _apgd_init(logits_fn: LogitsFn, settings: _Settings, consts, keys):
     """State after the random start (reference: before the first iteration)."""
     x, labels, targets, eps = consts
-    x_adv = _random_start(keys, x, eps, settings.norm)
+    x_adv = random_start(keys, x, eps, settings.norm)
     loss, logits, grad = _loss_value_and_grad(logits_fn, settings.loss, x_adv, labels, targets)
     batch = x.shape[0]
     return dict(
@@ -168,19 +157,6 @@ def _apgd_restarts(logits_fn, settings, images, labels, targets, keys, eps, atta
     return found
 
 
-def _prepare(logits_fn, images, labels, example_ids, active, eps, norm):
-    check_norm(norm)
-    eps = jnp.float32(check_eps(eps))
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
-    ids, mask = default_ids_and_mask(images, example_ids, active)
-    clean_logits = jax.jit(logits_fn)(images)
-    correct = predicted_correctly(clean_logits, labels)
-    # Rows misclassified already count as fooled by their clean input; inactive rows are never touched.
-    start = AttackOutput(images, mask & ~correct)
-    return images, labels, ids, mask & correct, eps, clean_logits, start
-
-
 def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, norm: str = "linf",
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
          momentum: float = 0.75, step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
@@ -198,14 +174,13 @@ def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, nor
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted "
                          "runs the targeted DLR loss)")
-    images, labels, ids, attack_mask, eps, _, found = _prepare(
-        logits_fn, images, labels, example_ids, active, eps, norm)
+    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
     settings = _Settings(norm, loss, n_iter, rho, momentum, step_size_factor,
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
                                           checkpoint_gap_decrement))
-    keys = example_keys(key, ids)
-    return _apgd_restarts(logits_fn, settings, images, labels, labels, keys, eps, attack_mask,
-                          n_restarts, found, use_host_loop(loop))
+    return _apgd_restarts(logits_fn, settings, batch.images, batch.labels, batch.labels,
+                          example_keys(key, batch.ids), batch.eps, batch.attack_mask, n_restarts,
+                          batch.found, use_host_loop(loop))
 
 
 def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
@@ -223,20 +198,15 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     target attacks only the points still robust). Needs more classes than the largest rank and >= 4.
     """
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
-    images, labels, ids, attack_mask, eps, clean_logits, found = _prepare(
-        logits_fn, images, labels, example_ids, active, eps, norm)
-    n_classes = clean_logits.shape[-1]
-    if n_classes < 4 or max(ranks) > n_classes:
-        raise ValueError(f"n_target_classes={n_target_classes} (target ranks {ranks}) needs more classes "
-                         f"than the model's {n_classes} (at most {n_classes - 1} targets, and the targeted "
-                         "DLR loss needs at least 4 classes)")
+    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    check_target_ranks(ranks, batch.clean_logits.shape[-1], min_classes=4)  # targeted DLR uses z_pi4
     settings = _Settings(norm, "dlr-targeted", n_iter, rho, momentum, step_size_factor,
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
                                           checkpoint_gap_decrement))
-    keys = example_keys(key, ids)
-    host = use_host_loop(loop)
+    keys, host, found = example_keys(key, batch.ids), use_host_loop(loop), batch.found
     for rank in ranks:
-        targets = losses.ranked_class(clean_logits, rank)
-        found = _apgd_restarts(logits_fn, settings, images, labels, targets, fold_keys(keys, rank),
-                               eps, attack_mask, n_restarts, found, host)
+        targets = losses.ranked_class(batch.clean_logits, rank)
+        found = _apgd_restarts(logits_fn, settings, batch.images, batch.labels, targets,
+                               fold_keys(keys, rank), batch.eps, batch.attack_mask, n_restarts, found,
+                               host)
     return found

@@ -86,6 +86,41 @@ def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Ar
     return ids, mask
 
 
+def random_start(keys: jax.Array, x: jax.Array, radius, norm: str) -> jax.Array:
+    """x + radius * t / ||t|| with t ~ U[-1, 1]^d (L-inf) or N(0, I) (L2) per example, clipped to [0, 1]."""
+    if norm == "linf":
+        noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
+    else:
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+    return jnp.clip(x + radius * normalize(noise, norm), 0.0, 1.0)
+
+
+class Batch(NamedTuple):
+    """An attack's validated inputs. attack_mask: active rows classified correctly (the ones to
+    attack); found: the starting output, where misclassified active rows already count as fooled."""
+    images: jax.Array
+    labels: jax.Array
+    ids: jax.Array
+    eps: jax.Array
+    clean_logits: jax.Array
+    attack_mask: jax.Array
+    found: AttackOutput
+
+
+def prepare_batch(logits_fn: LogitsFn, images, labels, eps: float, norm: str, example_ids=None,
+                  active=None) -> Batch:
+    """Check the arguments shared by every attack and classify the clean inputs once."""
+    check_norm(norm)
+    eps = jnp.float32(check_eps(eps))
+    images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    ids, mask = default_ids_and_mask(images, example_ids, active)
+    clean_logits = jax.jit(logits_fn)(images)
+    correct = predicted_correctly(clean_logits, labels)
+    return Batch(images, labels, ids, eps, clean_logits, mask & correct,
+                 AttackOutput(images, mask & ~correct))
+
+
 def merge_success(best: AttackOutput, new: AttackOutput, attacked: jax.Array) -> AttackOutput:
     """Keep the first success: rows attacked in this round and fooled now take the new example."""
     take = attacked & new.fooled & ~best.fooled
@@ -99,6 +134,13 @@ def resolve_target_ranks(n_target_classes: int, ranks=None) -> tuple[int, ...]:
     if not ranks or min(ranks) < 2:
         raise ValueError(f"target_ranks={ranks!r} must be non-empty ranks >= 2 (rank 1 is the prediction)")
     return ranks
+
+
+def check_target_ranks(ranks: tuple[int, ...], n_classes: int, min_classes: int = 2) -> None:
+    if n_classes < min_classes or max(ranks) > n_classes:
+        raise ValueError(f"n_target_classes / target_ranks {ranks}: the model has {n_classes} classes, so "
+                         f"at most {n_classes - 1} targets (rank <= {n_classes}); this attack needs at "
+                         f"least {min_classes} classes")
 
 
 # ----------------------------------------------------------------------------- iteration drivers

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, default_ids_and_mask,
-    example_keys, flat, fold_keys, lp_norm, merge_success, normalize, per_example,
-    predicted_correctly, resolve_target_ranks, run_fori, use_host_loop)
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_target_ranks, example_keys, flat, fold_keys,
+    lp_norm, merge_success, per_example, predicted_correctly, prepare_batch, random_start,
+    resolve_target_ranks, run_fori, use_host_loop)
 
 NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
 MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
@@ -130,15 +130,10 @@ def _targeted_difference_and_grad(logits_fn, x, labels, targets):
     return diff, grad
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "random_start"))
-def _fab_init(norm: str, random_start: bool, x, keys, eps, random_start_scale):
+@functools.partial(jax.jit, static_argnames=("norm", "start_randomly"))
+def _fab_init(norm: str, start_randomly: bool, x, keys, eps, random_start_scale):
     """Start at x, or (restarts after the first) at x + scale * eps * t / ||t||, clipped to [0, 1]."""
-    x1 = x
-    if random_start:
-        sample = jax.random.uniform if norm == "linf" else jax.random.normal
-        kwargs = dict(minval=-1.0, maxval=1.0) if norm == "linf" else {}
-        noise = jax.vmap(lambda k: sample(k, x.shape[1:], x.dtype, **kwargs))(keys)
-        x1 = jnp.clip(x + random_start_scale * eps * normalize(noise, norm), 0.0, 1.0)
+    x1 = random_start(keys, x, random_start_scale * eps, norm) if start_randomly else x
     return x1, x, jnp.full((x.shape[0],), NO_DISTANCE, x.dtype)
 
 
@@ -183,11 +178,11 @@ def _fab_finish(logits_fn: LogitsFn, norm: str, x, labels, best, best_distance, 
     return AttackOutput(jnp.where(per_example(fooled, x), candidate, x), fooled)
 
 
-def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, random_start: bool,
+def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, start_randomly: bool,
                              random_start_scale: float, x, labels, targets, keys, eps, attack_mask,
                              host: bool) -> AttackOutput:
     """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
-    state = _fab_init(settings.norm, random_start, x, keys, eps, random_start_scale)
+    state = _fab_init(settings.norm, start_randomly, x, keys, eps, random_start_scale)
     _, best, best_distance = run_fori(_FabStep(logits_fn, settings), settings.n_iter,
                                       (x, labels, targets), state, host)
     return _fab_finish(logits_fn, settings.norm, x, labels, best, best_distance, eps, attack_mask)
@@ -207,28 +202,17 @@ def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: fl
     Needs more classes than the largest target rank. `loop`: see common.use_host_loop.
     """
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
-    check_norm(norm)
-    eps = jnp.float32(check_eps(eps))
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
-    ids, mask = default_ids_and_mask(images, example_ids, active)
-    clean_logits = jax.jit(logits_fn)(images)
-    n_classes = clean_logits.shape[-1]
-    if max(ranks) > n_classes:
-        raise ValueError(f"n_target_classes={n_target_classes} (target ranks {ranks}) needs at most "
-                         f"{n_classes - 1} targets for a model with {n_classes} classes")
-    correct = predicted_correctly(clean_logits, labels)
-    found = AttackOutput(images, mask & ~correct)
-    attack_mask = mask & correct
-    keys = example_keys(key, ids)
+    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    check_target_ranks(ranks, batch.clean_logits.shape[-1])
+    keys, found = example_keys(key, batch.ids), batch.found
     settings = _Settings(norm, n_iter, alpha_max, eta, beta)
     host = use_host_loop(loop)
     for rank in ranks:
-        targets = losses.ranked_class(clean_logits, rank)
+        targets = losses.ranked_class(batch.clean_logits, rank)
         for restart in range(n_restarts):
-            attacked = attack_mask & ~found.fooled
-            new = _fab_targeted_single_run(logits_fn, settings, restart > 0, random_start_scale, images,
-                                           labels, targets, fold_keys(fold_keys(keys, rank), restart),
-                                           eps, attacked, host)
+            attacked = batch.attack_mask & ~found.fooled
+            new = _fab_targeted_single_run(
+                logits_fn, settings, restart > 0, random_start_scale, batch.images, batch.labels,
+                targets, fold_keys(fold_keys(keys, rank), restart), batch.eps, attacked, host)
             found = merge_success(found, new, attacked)
     return found

@@ -18,8 +18,8 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    AttackOutput, LogitsFn, check_eps, default_ids_and_mask, example_keys, fold_keys, merge_success,
-    per_example, predicted_correctly, project, run_while, use_host_loop)
+    AttackOutput, LogitsFn, example_keys, fold_keys, merge_success, per_example, predicted_correctly,
+    prepare_batch, project, run_while, use_host_loop)
 
 # Reference `p_selection`: p = p_init / divisor once the iteration exceeds the bound (10 < it <= 50: /2, ...).
 P_SCHEDULE_BOUNDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -152,20 +152,15 @@ def square_attack(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     """
     if norm != "linf":
         raise ValueError(f"norm={norm!r}: square_attack supports only 'linf' here")
-    eps = jnp.float32(check_eps(eps))
-    images = jnp.asarray(images, jnp.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be NHWC [B, H, W, C], got shape {images.shape}")
-    labels = jnp.asarray(labels, jnp.int32)
-    ids, mask = default_ids_and_mask(images, example_ids, active)
-    correct = predicted_correctly(jax.jit(logits_fn)(images), labels)
-    found = AttackOutput(images, mask & ~correct)
-    attack_mask = mask & correct
-    keys = example_keys(key, ids)
+    if np.ndim(images) != 4:
+        raise ValueError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
+    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    keys, found = example_keys(key, batch.ids), batch.found
     settings = _Settings(n_queries, p_init, rescale_schedule)
     for restart in range(n_restarts):
-        attacked = attack_mask & ~found.fooled
-        new = _square_single_run(logits_fn, settings, images, labels, fold_keys(keys, restart), eps,
-                                 attacked, use_host_loop(loop, host_on_cpu=False))
+        attacked = batch.attack_mask & ~found.fooled
+        new = _square_single_run(logits_fn, settings, batch.images, batch.labels,
+                                 fold_keys(keys, restart), batch.eps, attacked,
+                                 use_host_loop(loop, host_on_cpu=False))
         found = merge_success(found, new, attacked)
     return found
