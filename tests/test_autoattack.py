@@ -325,6 +325,8 @@ def test_bad_arguments_raise_value_errors(model, eval_set):
     images, labels = eval_set
     with pytest.raises(ValueError, match="images"):
         run_autoattack(model, images * 2, labels, eps=EPS, log=None)
+    with pytest.raises(ValueError, match="logits_fn"):
+        run_autoattack({"not": "hashable"}, images, labels, eps=EPS, log=None)
     with pytest.raises(ValueError, match="norm"):
         run_autoattack(model, images, labels, eps=EPS, norm="l1", log=None)
     with pytest.raises(ValueError, match="attacks"):

@@ -79,7 +79,7 @@ class CNN(ImageClassifier):
       hidden: width of the dense layer before the logits; 0 = none.
       use_bn: BatchNorm after each conv (the convs then have no bias).
       downsample: 'max_pool' (conv, ReLU, 2x2 max-pool) or 'stride' (a stride-2 conv, ReLU): the stride form is
-        about 10x faster to differentiate on XLA:CPU (benchmarks/cpu_downsampling.py), so the CPU demo uses it.
+        about 6x faster to differentiate on XLA:CPU (benchmarks/cpu_downsampling.py), so the CPU demo uses it.
     """
 
     widths: tuple[int, ...] = (16, 32)

@@ -27,6 +27,17 @@ def check_norm(norm: str) -> str:
     return norm
 
 
+def check_logits_fn(logits_fn) -> None:
+    """The attacks compile per logits_fn (a static jit argument), so it must be callable and hashable."""
+    try:
+        hash(logits_fn)
+    except TypeError as error:
+        raise ValueError("logits_fn must be hashable (a function or functools.partial, not e.g. a "
+                         "lambda over an unhashable object's method)") from error
+    if not callable(logits_fn):
+        raise ValueError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
+
+
 def check_eps(eps: float) -> float:
     if not eps >= 0:
         raise ValueError(f"eps={eps!r} must be a non-negative number")
@@ -110,6 +121,7 @@ class Batch(NamedTuple):
 def prepare_batch(logits_fn: LogitsFn, images, labels, eps: float, norm: str, example_ids=None,
                   active=None) -> Batch:
     """Check the arguments shared by every attack and classify the clean inputs once."""
+    check_logits_fn(logits_fn)
     check_norm(norm)
     eps = jnp.float32(check_eps(eps))
     images = jnp.asarray(images, jnp.float32)

@@ -20,8 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmard_jax.attacks.autoattack.apgd import apgd, apgd_targeted
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_norm, lp_norm, predicted_correctly,
-    resolve_target_ranks)
+    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_logits_fn, check_norm, lp_norm,
+    predicted_correctly, resolve_target_ranks)
 from mmard_jax.attacks.autoattack.fab import fab_targeted
 from mmard_jax.attacks.autoattack.square import square_attack
 
@@ -180,6 +180,7 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
     parameters are overridden with e.g. apgd_ce=dict(n_iter=10), square=dict(n_queries=500).
     Same seed, same result: every example's random numbers come from the seed and its index.
     """
+    check_logits_fn(logits_fn)
     norm = check_norm(norm)
     eps = check_eps(eps)
     images_np = np.asarray(images, np.float32)
