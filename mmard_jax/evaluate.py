@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Callable
 
 import flax.linen as nn
@@ -100,6 +101,11 @@ def periodic_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     )
 
 
+def attack_key(seed: int, attack_name: str):
+    """The PRNG key of one attack: the same in every process (no Python string hashing, which PYTHONHASHSEED salts)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(attack_name.encode()))
+
+
 @functools.partial(jax.jit, static_argnames=("module", "spec"))
 def correct_count(module: nn.Module, spec: AttackSpec, variables, images_uint8, labels, mask, key):
     """How many real (mask=True) examples the model still classifies correctly under the attack."""
@@ -126,7 +132,7 @@ def accuracy(
     variables = parallel.replicate(network.variables, mesh)
     results = {}
     for spec in specs:
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(spec.name) % (2**31))
+        key = attack_key(seed, spec.name)
         correct = 0
         batches = pipeline.eval_batches(
             source,

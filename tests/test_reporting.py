@@ -42,3 +42,17 @@ def test_curves_png_is_written(tmp_path):
     reporting.plot_curves(histories, str(path))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attack_keys_are_identical_across_processes():
+    """Evaluation keys must not depend on Python's per-process string hashing (PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    script = "from mmard_jax import evaluate; import numpy as np; print(np.asarray(evaluate.attack_key(0, 'pgd')).tolist())"
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        outputs.add(result.stdout.strip().splitlines()[-1])
+    assert len(outputs) == 1, outputs
