@@ -16,6 +16,7 @@ import datetime
 import importlib.util
 import json
 import os
+import sys
 import time
 
 VARIANTS = {
@@ -74,7 +75,7 @@ def main() -> None:
     lines = [
         "# MMARD ablation on MNIST-5k (demo budget, one seed)",
         "",
-        f"Command: `python benchmarks/mmard_ablation.py --teacher {args.teacher} --workdir {args.workdir}`; "
+        f"Command: `python benchmarks/mmard_ablation.py {' '.join(sys.argv[1:])}`; "
         f"{datetime.date.today()}. Student `cnn` (16, 32), the demo's TRADES teacher, 1,000 test examples, ε = 0.3; "
         "accuracy (%) of the best-by-PGD checkpoint; other fields as in configs/mnist5k.py.",
         "",
