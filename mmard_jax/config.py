@@ -87,7 +87,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
             "iad_beta": 0.1,  # IAD-I exponent β of the teacher's confidence (Zhu et al. 2022)
             "iad_warmup_epochs": 60,  # IAD-I: introspection term from this epoch on (60 of 200 in the paper)
             "rslad_adv_weight": 5.0 / 6.0,  # RSLAD: weight of KL(T(x) || S(x')); 1 - this on KL(T(x) || S(x))
-            "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (ours; chosen by the demo ablation)
+            "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (METHOD.md start; kept by the demo ablation)
             "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' (METHOD.md §3.1)
             "mi_beta": 1.0,  # MMARD β: weight of the triangle InfoNCE term (METHOD.md §3.2 starting value)
             "mi_weights": (1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # edge weights (w_ab, w_at, w_bt)
