@@ -368,12 +368,10 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     """
     optim = job.optim_cfg
     num_train = dataset.train.num_examples
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, optim.batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{job.name}: the batch size {optim.batch_size} exceeds the {num_train} training examples; "
-            "lower the optim.batch_size field"
-        )
+    try:
+        steps_per_epoch = pipeline.steps_per_epoch(num_train, optim.batch_size)
+    except ValueError as e:
+        raise ValueError(f"{job.name}: {e} (the optim.batch_size field)") from None
     total_steps = optim.epochs * steps_per_epoch
     spec = step_spec(job, config, dataset.num_classes, steps_per_epoch)
     step_fn = make_train_step(spec, mesh)
