@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/ablation")
     parser.add_argument("--out", default="")
     parser.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
+    parser.add_argument("--seed", type=int, default=0, help="config.seed of every variant (student init, data order, attacks)")
     args = parser.parse_args()
     entry.configure_logging()
     chosen = {int(i) for i in args.only.split(",") if i} or set(range(1, len(VARIANTS) + 1))
@@ -65,15 +66,17 @@ def main() -> None:
         config.baselines = ""
         config.log.progress = False
         config.teacher.checkpoint = os.path.abspath(args.teacher)
+        config.seed = args.seed
         for field, value in overrides.items():
             setattr(config.method, field, value)
         start = time.perf_counter()
-        summary = entry.run(config, os.path.join(args.workdir, slug(name)))
+        run_name = slug(name) + (f"__seed_{args.seed}" if args.seed else "")
+        summary = entry.run(config, os.path.join(args.workdir, run_name))
         accuracy = summary["results"]["mmard"]["accuracy"]
         rows.append((index, name, overrides, accuracy, time.perf_counter() - start))
         print(f"{name}: {json.dumps(accuracy)}", flush=True)
     lines = [
-        "# MMARD ablation on MNIST-5k (demo budget, one seed)",
+        f"# MMARD ablation on MNIST-5k (demo budget, seed {args.seed})",
         "",
         f"Command: `python benchmarks/mmard_ablation.py {' '.join(sys.argv[1:])}`; "
         f"{datetime.date.today()}. Student `cnn` (16, 32), the demo's TRADES teacher, 1,000 test examples, ε = 0.3; "
