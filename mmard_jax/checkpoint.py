@@ -117,8 +117,15 @@ def check_signature(meta: dict, expected_signature: dict, where: str) -> None:
         )
 
 
+def _host_target(manager: ocp.CheckpointManager, step: int):
+    """A restore target of host (NumPy) arrays with the saved shapes: whatever the device topology of the run that
+    saved it (say a 2-process or TPU-pod run), a checkpoint then loads into any process, to be placed by the caller."""
+    saved = manager.item_metadata(step)["state"]
+    return jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), saved)
+
+
 def load_variables(run_dir: str, which: str, expected_signature: dict | None = None) -> tuple[dict, dict]:
-    """(variables, meta) of a run's 'best' or 'last' checkpoint: variables = {'params', 'batch_stats'}.
+    """(variables, meta) of a run's 'best' or 'last' checkpoint: variables = {'params', 'batch_stats'} as NumPy arrays.
 
     ``run_dir`` is a run directory of ours (holding latest/ and best/). 'best' falls back to 'last' when no best
     save exists (a run with no periodic evaluation).
@@ -131,7 +138,11 @@ def load_variables(run_dir: str, which: str, expected_signature: dict | None = N
         path = os.path.join(run_dir, sub)
         if not os.path.isdir(path):
             continue
-        manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = ocp.CheckpointManager(
+            path,
+            options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
         try:
             step = manager.latest_step()
             if step is None:
@@ -139,7 +150,8 @@ def load_variables(run_dir: str, which: str, expected_signature: dict | None = N
             meta = read_meta(manager)
             if expected_signature is not None:
                 check_signature(meta, expected_signature, os.path.join(path, str(step)))
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+            target = _host_target(manager, step)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         finally:
             manager.close()
         variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
