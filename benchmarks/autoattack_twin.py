@@ -143,16 +143,21 @@ def to_torch(images: np.ndarray):
     return torch.tensor(images).permute(0, 3, 1, 2).contiguous()
 
 
+REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
 def run_reference(net, images, labels, *, eps: float, seed: int, batch_size: int, log_path: Path,
-                  attacks: tuple[str, ...] | None = None):
+                  attacks: tuple[str, ...] | None = None, norm: str = "linf", square_queries: int | None = None):
     """Reference AutoAttack 'standard' (or a custom subset); returns (per-attack accuracy, x_adv, seconds)."""
     import torch
     from autoattack import AutoAttack
     if log_path.exists():
         log_path.unlink()
     version = "standard" if attacks is None else "custom"
-    adversary = AutoAttack(net, norm="Linf", eps=eps, version=version, seed=seed, device="cpu",
+    adversary = AutoAttack(net, norm=REFERENCE_NORMS[norm], eps=eps, version=version, seed=seed, device="cpu",
                            log_path=str(log_path), attacks_to_run=list(attacks or []))
+    if square_queries is not None:
+        adversary.square.n_queries = square_queries
     start = time.time()
     x_adv = adversary.run_standard_evaluation(to_torch(images), torch.tensor(labels).long(), bs=batch_size)
     seconds = time.time() - start

@@ -18,6 +18,7 @@ from mmard_jax.attacks.autoattack import (
     project_hyperplane_l2, project_hyperplane_linf, run_autoattack, square_attack, square_sizes,
     targeted_dlr_loss, verify_adversarial)
 from mmard_jax.attacks.autoattack import runner as runner_module
+from mmard_jax.attacks.autoattack import square as square_module
 
 EPS = 0.1
 DEVICE_LOOP = dict(loop="device")  # for an MLP the rolled lax loops beat one dispatch per iteration
@@ -118,6 +119,57 @@ def test_square_sizes_follow_the_p_schedule():
     expected = {0: 25, 10: 25, 11: 18, 50: 18, 51: 13, 201: 9, 501: 6, 1001: 4, 2001: 3, 4001: 2}
     assert {i: int(sizes[i]) for i in expected} == expected
     assert square_sizes(20, 4, 4, p_init=1.0).max() == 4  # never larger than the image
+    l2_sizes = square_sizes(5000, 28, 28, norm="l2")  # L2: at least 3 and odd (even sides get +1)
+    expected = {0: 25, 11: 19, 51: 13, 201: 9, 501: 7, 1001: 5, 2001: 3, 4001: 3}
+    assert {i: int(l2_sizes[i]) for i in expected} == expected
+
+
+def _rings_by_definition(rows, cols):
+    """Square paper Sec. 3.2, literally: for k = 0, 1, ..., add 1/(k+1)^2 inside the (2k+1)-square
+    centred on (rows // 2, cols // 2), until the square covers the rectangle."""
+    pattern = np.zeros((rows, cols))
+    for k in range(max(rows // 2, cols // 2) + 1):
+        for i in range(rows):
+            for j in range(cols):
+                if abs(i - rows // 2) <= k and abs(j - cols // 2) <= k:
+                    pattern[i, j] += 1.0 / (k + 1) ** 2
+    return pattern / np.sqrt((pattern ** 2).sum())
+
+
+def test_l2_square_tiles_are_nested_rectangles():
+    by_hand = np.array([0.25, 1.25, 0.25])  # ring 0 gets 1 + 1/4, ring 1 gets 1/4
+    np.testing.assert_allclose(square_module.nested_rectangles(1, 3), [by_hand / np.linalg.norm(by_hand)])
+    for rows in range(1, 8):
+        for cols in range(1, 10):
+            np.testing.assert_allclose(square_module.nested_rectangles(rows, cols), _rings_by_definition(rows, cols))
+    for side in (1, 3, 4, 7):
+        tile = square_module.pseudo_gaussian_tile(side)
+        assert tile.shape == (side, side) and np.sum(tile ** 2) == pytest.approx(1.0)
+        assert (tile[:side // 2] > 0).all() and (tile[side // 2:] < 0).all()
+    tiles = square_module.l2_init_tiles(28, 28)  # side 5, a 5 x 5 grid from pixel 1
+    assert tiles.shape == (25, 2, 28, 28)
+    np.testing.assert_allclose(tiles[0, 0, 1:6, 1:6], square_module.pseudo_gaussian_tile(5), rtol=1e-6)
+    np.testing.assert_allclose(tiles[0, 1, 1:6, 1:6], square_module.pseudo_gaussian_tile(5).T, rtol=1e-6)
+    assert np.count_nonzero(tiles.sum(axis=0)) == 2 * 25 * 25  # the grid covers rows/columns 1-25 once
+    with pytest.raises(ValueError, match="5 pixels"):
+        square_module.l2_init_tiles(4, 4)
+
+
+def test_l2_square_query_keeps_the_norm_and_moves_two_windows_only():
+    rng = np.random.default_rng(0)
+    x = jnp.full((16, 16, 3), 0.5, jnp.float32)
+    delta = rng.normal(size=(16, 16, 3)).astype(np.float32)
+    eps, side = 0.8, 5
+    x_best = x + 0.6 * eps * delta / np.linalg.norm(delta)  # inside the ball, far from the box edges
+    tile = jnp.zeros((7, 7)).at[:side, :side].set(square_module.pseudo_gaussian_tile(side))
+    for seed in range(5):
+        x_new = square_module._l2_proposal(jax.random.key(seed), side, tile, x, x_best, eps)
+        new_delta = np.asarray(x_new - x)
+        assert np.linalg.norm(new_delta) == pytest.approx(eps, rel=1e-5)  # always the full budget
+        # Outside the two windows the old perturbation is only rescaled, by one common factor.
+        ratio = new_delta / np.asarray(x_best - x)
+        common = np.median(ratio)
+        assert np.sum(~np.isclose(ratio, common, rtol=1e-4)) <= 2 * side * side * 3
 
 
 # ----------------------------------------------------------------------------- FAB projections
@@ -206,7 +258,8 @@ def test_l2_attacks_respect_the_ball_and_the_box(model, eval_set):
     key, norm, eps = jax.random.key(3), "l2", 0.5
     outputs = [apgd(model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
                fab_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
-                            n_restarts=2, **DEVICE_LOOP)]
+                            n_restarts=2, **DEVICE_LOOP),
+               square_attack(model, images, labels, key, eps=eps, norm=norm, n_queries=100, **DEVICE_LOOP)]
     for out in outputs:
         _assert_in_ball_and_box(out.adversarial, images, eps, norm)
         predictions = np.argmax(np.asarray(model(out.adversarial)), -1)
@@ -269,15 +322,16 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd20(robust_model, digits):
     assert apgd_robust <= pgd_robust
 
 
-def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set):
+@pytest.mark.parametrize("norm, eps", [("linf", 0.2), ("l2", 1.5)])
+def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set, norm, eps):
     images, labels = eval_set
     masked = functools.partial(lambda f, x: f(jax.lax.stop_gradient(x)), model)
-    eps = 0.2
     clean = _accuracy(masked, images, labels)
-    gradient = run_autoattack(masked, images, labels, eps=eps, attacks=("apgd-ce",), log=None,
+    gradient = run_autoattack(masked, images, labels, eps=eps, norm=norm, attacks=("apgd-ce",), log=None,
                               apgd_ce=dict(n_iter=10, **DEVICE_LOOP))
-    square = run_autoattack(masked, images, labels, eps=eps, attacks=("square",), log=None,
+    square = run_autoattack(masked, images, labels, eps=eps, norm=norm, attacks=("square",), log=None,
                             square=dict(n_queries=300, **DEVICE_LOOP))
+    _assert_in_ball_and_box(square.adversarial, images, eps, norm)
     assert square.robust_accuracy <= 0.25 * clean
     assert square.robust_accuracy < gradient.robust_accuracy
 

@@ -123,7 +123,7 @@ class _Batches:
             jax.device_put(active, self.sharding)
 
 
-def _attack_plan(version: str, attacks, norm: str) -> tuple[str, ...]:
+def _attack_plan(version: str, attacks) -> tuple[str, ...]:
     if version not in ("standard", "custom"):
         raise ValueError(f"version={version!r} is not supported; use 'standard' or 'custom' "
                          "(with `attacks`)")
@@ -135,9 +135,6 @@ def _attack_plan(version: str, attacks, norm: str) -> tuple[str, ...]:
     unknown = [a for a in attacks if a not in _ATTACK_FUNCTIONS]
     if unknown or not attacks:
         raise ValueError(f"attacks={attacks!r}: choose from {STANDARD_ATTACKS}")
-    if norm != "linf" and "square" in attacks:
-        raise ValueError(f"norm={norm!r}: 'square' is implemented for 'linf' only; pass attacks "
-                         "without 'square'")
     return attacks
 
 
@@ -186,7 +183,7 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
     images_np = np.asarray(images, np.float32)
     labels_np = np.asarray(labels).astype(np.int32)
     _check_inputs(images_np, labels_np, batch_size)
-    plan = _attack_plan(version, attacks, norm)
+    plan = _attack_plan(version, attacks)
     settings = _attack_settings(plan, attack_overrides)
     batches = _Batches(batch_size)
     lines: list[str] = []
