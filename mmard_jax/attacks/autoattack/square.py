@@ -211,13 +211,12 @@ class _AnyLeft:
 
 @dataclasses.dataclass(frozen=True)
 class _SquareStep:
-    """One query: add a random square to x_best, keep it if the margin loss drops or the point is
+    """One query: a random square-shaped change of x_best, kept if the margin loss drops or the point is
     misclassified. Rows already fooled (margin <= 0) or masked out are left unchanged."""
     logits_fn: LogitsFn
     settings: _Settings
 
     def __call__(self, consts, i, state):
-        s = self.settings
         x, labels, keys, eps, attack_mask = consts
         x_best, margin_min, loss_min = state
         active = _left_to_fool(attack_mask, margin_min)
