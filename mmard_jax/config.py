@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = "teacher,distill,eval"  # comma-separated subset of teacher, distill, eval, run in this order
     c.baselines = ""  # comma-separated methods trained with the same budget for the comparison table
     c.dtype = "float32"  # compute dtype of the networks: 'float32' | 'bfloat16' (params stay float32)
+    # JAX's persistent compilation cache: a directory where compiled programs are kept across runs ('' = off). A resumed
+    # run or a repeated evaluation then skips XLA compilation (minutes on CPU for AutoAttack).
+    c.compilation_cache_dir = ""
 
     c.data = ml_collections.ConfigDict(
         {

@@ -336,9 +336,11 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
 
 
 def test_main_end_to_end_on_the_tiny_config(tmp_path):
-    process = run_main(os.path.relpath(tmp_path, ROOT))  # a relative --workdir, as users type it
+    cache = tmp_path / "xla_cache"
+    process = run_main(os.path.relpath(tmp_path, ROOT), f"--config.compilation_cache_dir={cache}")  # a relative --workdir, as users type it
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
+    assert any(name.endswith("-cache") for name in os.listdir(cache))  # compiled programs kept for the next run
     for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints/latest"):
         assert os.path.exists(tmp_path / path), path
     assert os.listdir(tmp_path / "students" / "mmard" / "tensorboard")
