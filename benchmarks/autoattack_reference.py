@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import autoattack_twin as twin  # noqa: E402
+from benchmark_report import publish  # noqa: E402
 
 from mmard_jax.attacks.autoattack import STANDARD_ATTACKS, run_autoattack  # noqa: E402
 
@@ -82,10 +83,8 @@ def main() -> None:
               f"- wall time on {n} examples (compilation included for ours): reference {ref_seconds:.1f} s, "
               f"ours {our_seconds:.1f} s", "", "## Reference log", "", "```",
               ref_log.read_text().strip(), "```", "", "## Our log", "", "```", *ours.log_lines, "```", ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
     ref_log.unlink()
-    print("\n".join(lines))
+    publish("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import autoattack_twin as twin  # noqa: E402
+from benchmark_report import publish  # noqa: E402
 
 from mmard_jax.attacks.autoattack import run_autoattack  # noqa: E402
 
@@ -68,9 +69,7 @@ def main() -> None:
         f"{best_ref / timings['ours'][0][0]:.2f}x", "",
         "Cumulative times after each attack (last round), reference:", "", "```", *ref_steps, "```", "",
         "ours:", "", "```", *[line for line in ours.log_lines if "robust accuracy after" in line], "```", ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from mmard_jax.losses import cross_entropy
 from mmard_jax.models import create_model
 
+from benchmark_report import publish
+
 
 def input_gradient_time(model, batch: int, repeats: int) -> float:
     """Median seconds of one jitted d(CE)/dx over a batch of 28x28x1 images."""
@@ -63,10 +65,7 @@ def main() -> None:
             "",
         ]
     )
-    print(report)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from benchmark_report import publish
+
 VARIANTS = {
     # name: overrides of config.method (γ = gamma, β = mi_beta)
     "adaad (γ=0, β=0)": {"gamma": 0.0, "mi_beta": 0.0},
@@ -89,10 +91,7 @@ def main() -> None:
         cells = " | ".join(f"{100 * acc[k]:.1f}" for k in ("clean", "fgsm", "pgd", "cw"))
         lines.append(f"| {index} | {name} | {cells} | {seconds:.0f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":
