@@ -181,12 +181,17 @@ def _feasible_hyperplane(rng, dim):
     return point, w, float(w @ target)                              # ... on the hyperplane
 
 
+def _projections(project, seed, n_cases=10, dim=12):
+    """(point, w, b, d) with d = project(point, w, b) (float32, returned in float64) on random feasible hyperplanes."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_cases):
+        point, w, b = _feasible_hyperplane(rng, dim)
+        d = project(jnp.asarray(point, jnp.float32), jnp.asarray(w, jnp.float32), jnp.float32(b))
+        yield point, w, b, np.asarray(d, np.float64)
+
+
 def test_linf_hyperplane_projection_matches_linear_program():
-    rng = np.random.default_rng(0)
-    for _ in range(10):
-        point, w, b = _feasible_hyperplane(rng, 12)
-        d = np.asarray(project_hyperplane_linf(jnp.asarray(point, jnp.float32), jnp.asarray(w, jnp.float32),
-                                               jnp.float32(b)), np.float64)
+    for point, w, b, d in _projections(project_hyperplane_linf, seed=0):
         # min lambda s.t. w.(point + d) = b, |d_i| <= lambda, 0 <= point + d <= 1; variables (d, lambda).
         dim = len(point)
         cost = np.r_[np.zeros(dim), 1.0]
@@ -201,11 +206,7 @@ def test_linf_hyperplane_projection_matches_linear_program():
 
 
 def test_l2_hyperplane_projection_matches_bisection_on_the_multiplier():
-    rng = np.random.default_rng(1)
-    for _ in range(10):
-        point, w, b = _feasible_hyperplane(rng, 12)
-        d = np.asarray(project_hyperplane_l2(jnp.asarray(point, jnp.float32), jnp.asarray(w, jnp.float32),
-                                             jnp.float32(b)), np.float64)
+    for point, w, b, d in _projections(project_hyperplane_l2, seed=1):
         # KKT: d(mu) = clip(mu * w, -point, 1 - point); w.d(mu) is increasing in mu; solve w.d = b - w.point.
         low, high = -1e4, 1e4
         for _ in range(200):
