@@ -1,4 +1,4 @@
-"""CIFAR-10: ResNet-18 student distilled by MMARD from a TRADES WRN-34-10 teacher (RSLAD recipe, METHOD.md §5).
+"""CIFAR-10: ResNet-18 student distilled by MMARD from a TRADES WRN-34-10 teacher (RSLAD recipe, docs/method.md §5).
 
 python -m mmard_jax.main --config configs/cifar10.py --workdir runs/cifar10
 """

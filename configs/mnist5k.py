@@ -8,7 +8,7 @@ python -m mmard_jax.main --config configs/mnist5k.py --workdir runs/mnist5k
 
 from mmard_jax.config import base_config, model_config
 
-EPS = 0.3  # MNIST ε (METHOD.md §4)
+EPS = 0.3  # MNIST ε (docs/method.md §4)
 
 
 def get_config():
@@ -47,7 +47,7 @@ def get_config():
     config.optim.batch_size = 128
 
     config.eval.eps = EPS
-    config.eval.pgd_steps = 40  # PGD-40, α = 0.01 (METHOD.md §4, MNIST)
+    config.eval.pgd_steps = 40  # PGD-40, α = 0.01 (docs/method.md §4, MNIST)
     config.eval.pgd_step_size = 0.01
     config.eval.cw_step_size = 0.01
     config.eval.periodic_pgd_step_size = 0.04  # periodic PGD-10 for the best checkpoint: 10 x 0.04 reaches past ε

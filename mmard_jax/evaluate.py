@@ -1,4 +1,4 @@
-"""The robustness evaluation suite: clean, FGSM, PGD and CW∞ accuracy (METHOD.md §4), data-parallel.
+"""The robustness evaluation suite: clean, FGSM, PGD and CW∞ accuracy (docs/method.md §4), data-parallel.
 
 Each attack is a configuration of the one PGD engine. Evaluation batches are padded with a mask so every example of
 the split counts exactly once; batches are split over the mesh and the counts reduced by XLA.
@@ -68,7 +68,7 @@ ATTACKS: dict[str, Callable] = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "cw
 
 
 def final_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
-    """The final suite of METHOD.md §4 as configured: clean, FGSM, PGD-k and CW∞ (AutoAttack runs separately)."""
+    """The final suite of docs/method.md §4 as configured: clean, FGSM, PGD-k and CW∞ (AutoAttack runs separately)."""
     specs = [AttackSpec("clean")]
     if eval_cfg.fgsm:
         specs.append(AttackSpec("fgsm", eps=eval_cfg.eps, step_size=eval_cfg.eps, steps=1))

@@ -1,9 +1,9 @@
-"""Pure loss functions on logits (METHOD.md §2–§3).
+"""Pure loss functions on logits (docs/method.md §2–§3).
 
 Building blocks: cross-entropy, KL with temperature and reduction, entropy, margin, the CW margin loss and the
 symmetric InfoNCE. Then every method's inner loss (per example, maximised by PGD over x') and outer loss
 (``(scalar, metrics)``, minimised over the student). Method losses read the logits they need from a `Views`;
-they never stop gradients on their inputs except where METHOD.md writes ``sg`` (the MMARD teacher vertex), so
+they never stop gradients on their inputs except where docs/method.md writes ``sg`` (the MMARD teacher vertex), so
 which network a gradient reaches is decided by how the train step computes the views.
 
 All functions take logits, not probabilities, and compute in float32.
@@ -125,7 +125,7 @@ def _same_class_negatives(row_labels: Array, column_labels: Array, positives: Ar
 
 def info_nce(u: Array, v: Array, labels: Array | None = None, *, tau: float = 0.5, mask_same_class: bool = True,
              axis_name: str | None = None) -> Array:
-    """Symmetric InfoNCE ``N(u, v)`` over the batch (METHOD.md §3.2); ``I(u; v) ≥ log B − N(u, v)``.
+    """Symmetric InfoNCE ``N(u, v)`` over the batch (docs/method.md §3.2); ``I(u; v) ≥ log B − N(u, v)``.
 
     Rows are centred over classes and L2-normalised, ``s_ij = ũ_i · ṽ_j / tau``, and
     ``N = ½ [CE(s, diag) + CE(sᵀ, diag)]`` (each a mean over the batch). With ``mask_same_class`` the
@@ -183,7 +183,7 @@ def adaad_inner(views: Views, labels: Array) -> Array:
 
 
 def boundary_term(views: Views, labels: Array, kind: str) -> Array:
-    """MMARD's teacher-boundary term ``D_T(x, x')`` per example (METHOD.md §3.1).
+    """MMARD's teacher-boundary term ``D_T(x, x')`` per example (docs/method.md §3.1).
 
     'kl': ``KL(p_T(x) ‖ p_T(x'))``; 'entropy': ``H(p_T(x'))``; 'margin': ``−|z_T,y(x') − max_{j≠y} z_T,j(x')|``.
     """
@@ -269,7 +269,7 @@ def adaad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float,
 
 def triangle_mi(views: Views, labels: Array, *, weights: tuple[float, float, float], tau: float,
                 mask_same_class: bool, teacher_vertex: str, axis_name: str | None = None) -> tuple[Array, Metrics]:
-    """MMARD triangle ``w_ab·N(a, b) + w_at·N(a, t) + w_bt·N(b, t)`` (METHOD.md §3.2).
+    """MMARD triangle ``w_ab·N(a, b) + w_at·N(a, t) + w_bt·N(b, t)`` (docs/method.md §3.2).
 
     ``a = S(x)``, ``b = S(x')``, ``t = sg(T(x'))`` for teacher_vertex 'adversarial' or ``sg(T(x))`` for 'natural'.
     ``axis_name``: see `info_nce` (the InfoNCE batch is the global batch).

@@ -1,12 +1,12 @@
-"""Method registry (METHOD.md §2–§3): a `Method` is data (pure loss functions + which views they read).
+"""Method registry (docs/method.md §2–§3): a `Method` is data (pure loss functions + which views they read).
 
 The train step reads only the fields of `Method`; it never branches on a method's name. Distillation bases
 ``ard``, ``iad``, ``rslad``, ``adaad`` compose with the two MMARD parts (``mmard_inner``, ``mmard_outer``) in every
 combination; ``mmard`` is AdaAD with both parts on. ``pgd_at`` and ``trades`` train teachers.
 
-Design choice (METHOD.md is silent): ``mmard_inner`` *replaces* the base's inner loss by MMARD's
-``KL(p_T(x') ‖ p_S(x')) + γ · D_T`` (attack in inference mode), while ``mmard_outer`` *adds* the triangle to the
-base's outer loss.
+Design choice (the MMARD abstract is silent; see docs/method.md §3.3): ``mmard_inner`` *replaces* the base's
+inner loss by MMARD's ``KL(p_T(x') ‖ p_S(x')) + γ · D_T`` (attack in inference mode), while ``mmard_outer``
+*adds* the triangle to the base's outer loss.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _teacher_training_method(name: str, cfg: Any) -> Method:
 
 
 def _distillation_method(base: str, cfg: Any) -> Method:
-    """One of the distillation baselines, exactly as in METHOD.md §2."""
+    """One of the distillation baselines, exactly as in docs/method.md §2."""
     reduction = _choice(cfg, 'kl_reduction', KL_REDUCTIONS)
     if base in ('ard', 'iad'):
         ard_hyper = dict(alpha=_real(cfg, 'alpha', high=1.0), temperature=_real(cfg, 'temperature', low_open=True),
@@ -175,7 +175,7 @@ def _distillation_method(base: str, cfg: Any) -> Method:
 
 
 def _with_mmard_inner(method: Method, cfg: Any) -> Method:
-    """Replace the inner loss by MMARD's teacher-guided boundary alignment (METHOD.md §3.1)."""
+    """Replace the inner loss by MMARD's teacher-guided boundary alignment (docs/method.md §3.1)."""
     boundary = _choice(cfg, 'boundary', losses.BOUNDARY_TERMS)
     inner_views = _views('student_adv', 'teacher_adv') | (_views('teacher_nat') if boundary == 'kl' else _views())
     return dataclasses.replace(
@@ -185,7 +185,7 @@ def _with_mmard_inner(method: Method, cfg: Any) -> Method:
 
 
 def _with_mmard_outer(method: Method, cfg: Any, axis_name: str | None) -> Method:
-    """Add MMARD's natural–robust–teacher triangle to the outer loss (METHOD.md §3.2)."""
+    """Add MMARD's natural–robust–teacher triangle to the outer loss (docs/method.md §3.2)."""
     teacher_vertex = _choice(cfg, 'teacher_vertex', losses.TEACHER_VERTICES)
     outer = bind(losses.mmard_outer, base_outer=method.outer_loss, beta=_real(cfg, 'mi_beta'),
                  weights=_edge_weights(cfg), tau=_real(cfg, 'tau_mi', low_open=True),

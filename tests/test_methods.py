@@ -220,7 +220,7 @@ def test_missing_field_names_the_field():
     ],
 )
 def test_reference_attack_start_per_method(name, flags, expected):
-    """METHOD.md §2: PGD-AT and ARD/IAD start uniformly in the ball; TRADES, RSLAD, AdaAD at x + 0.001·N."""
+    """docs/method.md §2: PGD-AT and ARD/IAD start uniformly in the ball; TRADES, RSLAD, AdaAD at x + 0.001·N."""
     cfg = default_method_config(name)
     for field, value in flags.items():
         setattr(cfg, field, value)

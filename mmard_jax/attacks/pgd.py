@@ -1,4 +1,4 @@
-"""The one PGD engine (METHOD.md §1, §4): every attack in training and evaluation is a configuration of `pgd`.
+"""The one PGD engine (docs/method.md §1, §4): every attack in training and evaluation is a configuration of `pgd`.
 
 ``x`` has a leading batch axis (any trailing shape, e.g. NHWC images in [0, 1]); norms are per example over the
 trailing axes. `pgd` is a pure function: it works under ``jit``, ``vmap`` (over extra leading axes) and inside a
@@ -140,7 +140,7 @@ def fgsm(loss_fn: LossFn, x: Array, key: Array | None = None, *, eps: float) -> 
 
 def ce_attack(logits_fn: Callable[[Array], Array], x: Array, y: Array, key: Array | None, *, eps: float,
               step_size: float, steps: int, init: str = 'uniform', unroll: int | bool = 1, **pgd_options) -> Array:
-    """PGD on the cross-entropy of ``logits_fn`` (PGD-20 of METHOD.md §4); ``pgd_options`` go to `pgd`."""
+    """PGD on the cross-entropy of ``logits_fn`` (PGD-20 of docs/method.md §4); ``pgd_options`` go to `pgd`."""
     return pgd(lambda z: cross_entropy(logits_fn(z), y), x, key, eps=eps, step_size=step_size, steps=steps,
                init=init, unroll=unroll, **pgd_options)
 
