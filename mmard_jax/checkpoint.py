@@ -124,6 +124,39 @@ def _host_target(manager: ocp.CheckpointManager, step: int):
     return jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), saved)
 
 
+def checkpoint_dir(run_dir: str) -> str:
+    """Where a run directory keeps its checkpoints: ``run_dir/checkpoints`` (training runs, imports) or itself."""
+    nested = os.path.join(run_dir, "checkpoints")
+    return nested if os.path.isdir(nested) else run_dir
+
+
+def read_run_meta(run_dir: str) -> dict | None:
+    """The metadata of a run directory's newest 'latest' save (model config, signature, ...); None if it has none."""
+    path = os.path.abspath(os.path.join(checkpoint_dir(run_dir), "latest"))
+    if not os.path.isdir(path):
+        return None
+    manager = ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={"meta": ocp.JsonCheckpointHandler()}
+    )
+    try:
+        return read_meta(manager)
+    finally:
+        manager.close()
+
+
+def write_variables(run_dir: str, variables: dict, meta: dict) -> str:
+    """Writes network variables as step 0 of ``run_dir/checkpoints``, the layout :func:`load_variables` and a
+    teacher checkpoint setting read; the meta gets the shape signature. Returns the checkpoint directory."""
+    directory = os.path.join(run_dir, "checkpoints")
+    state = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
+    checkpoints = RunCheckpoints(directory, keep=1, async_save=False)
+    try:
+        checkpoints.save(0, state, {**meta, "step": 0, "signature": shape_signature(state)})
+    finally:
+        checkpoints.close()
+    return directory
+
+
 def load_variables(run_dir: str, which: str, expected_signature: dict | None = None) -> tuple[dict, dict]:
     """(variables, meta) of a run's 'best' or 'last' checkpoint: variables = {'params', 'batch_stats'} as NumPy arrays.
 

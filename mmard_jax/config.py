@@ -32,7 +32,7 @@ def model_config(name: str, **kwargs) -> ml_collections.ConfigDict:
 
 
 def attack_config(eps: float, step_size: float, steps: int, init: str = "method") -> ml_collections.ConfigDict:
-    """The PGD attack used inside training (METHOD.md §1)."""
+    """The PGD attack used inside training (docs/method.md §1)."""
     return ml_collections.ConfigDict(
         {
             "eps": eps,
@@ -72,7 +72,7 @@ def optim_config(
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:
-    """Loss hyperparameters for every method of METHOD.md §2-3 (only the selected method's fields are read)."""
+    """Loss hyperparameters for every method of docs/method.md §2-3 (only the selected method's fields are read)."""
     return ml_collections.ConfigDict(
         {
             "name": name,  # pgd_at | trades | ard | iad | rslad | adaad | mmard (= adaad + both MMARD parts)
@@ -87,9 +87,9 @@ def method_config(name: str) -> ml_collections.ConfigDict:
             "iad_beta": 0.1,  # IAD-I exponent β of the teacher's confidence (Zhu et al. 2022)
             "iad_warmup_epochs": 60,  # IAD-I: introspection term from this epoch on (60 of 200 in the paper)
             "rslad_adv_weight": 5.0 / 6.0,  # RSLAD: weight of KL(T(x) || S(x')); 1 - this on KL(T(x) || S(x))
-            "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (METHOD.md start; kept by the demo ablation)
-            "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' (METHOD.md §3.1)
-            "mi_beta": 1.0,  # MMARD β: weight of the triangle InfoNCE term (METHOD.md §3.2 starting value)
+            "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (docs/method.md §3.1; kept by the demo ablation)
+            "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' (docs/method.md §3.1)
+            "mi_beta": 1.0,  # MMARD β: weight of the triangle InfoNCE term (docs/method.md §3.2 starting value)
             "mi_weights": (1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # edge weights (w_ab, w_at, w_bt)
             "tau_mi": 0.5,  # InfoNCE temperature τ_mi
             "mask_same_class": True,  # drop same-label off-diagonal pairs from the InfoNCE denominators
@@ -99,7 +99,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
 
 
 def eval_config(eps: float) -> ml_collections.ConfigDict:
-    """Periodic and final evaluation (METHOD.md §4)."""
+    """Periodic and final evaluation (docs/method.md §4)."""
     return ml_collections.ConfigDict(
         {
             "eps": eps,
@@ -122,7 +122,7 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The full configuration tree with CIFAR-10 reference values (RSLAD recipe, METHOD.md §5)."""
+    """The full configuration tree with CIFAR-10 reference values (RSLAD recipe, docs/method.md §5)."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # root PRNG seed: data order, init, augmentation and attack keys derive from it
     c.stages = "teacher,distill,eval"  # comma-separated subset of teacher, distill, eval, run in this order
@@ -151,7 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(
         {
             "model": model_config("wrn-34-10"),  # TRADES WRN-34-10 (RobustBench Zhang2019Theoretically)
-            "checkpoint": "",  # Orbax checkpoint of a trained teacher; '' = train one into workdir/teacher
+            # a teacher run directory of ours or one written by `python -m mmard_jax.import_teacher` (its architecture
+            # then comes from the checkpoint); '' = train one into workdir/teacher
+            "checkpoint": "",
             "method": method_config("trades"),  # teacher training: 'trades' | 'pgd_at'
             # TRADES CIFAR-10: eps 0.031, step 0.007, 10 steps, init x + 0.001 N(0, 1)
             "attack": attack_config(0.031, 0.007, 10),

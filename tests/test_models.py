@@ -20,6 +20,8 @@ ALL_MODELS = [
     ("preact_resnet18", {}),
     ("wide_resnet", {"depth": 10, "widen_factor": 2}),
     ("wrn-34-10", {}),
+    ("dm_wide_resnet", {"depth": 10, "widen_factor": 2, "activation": "relu"}),
+    ("dm_preact_resnet", {}),
     ("mobilenet_v2", {}),
     ("small_cnn", {}),
     ("cnn", {}),
@@ -89,7 +91,7 @@ def tree_allclose(a, b, **tolerances):
 
 def test_model_names_are_sorted_and_complete():
     expected = {"resnet18", "preact_resnet18", "wide_resnet", "wrn-34-10", "wrn-28-10", "wrn-70-16",
-                "mobilenet_v2", "small_cnn", "cnn", "mlp"}
+                "dm_wide_resnet", "dm_preact_resnet", "mobilenet_v2", "small_cnn", "cnn", "mlp"}
     assert MODEL_NAMES == tuple(sorted(MODEL_NAMES))
     assert set(MODEL_NAMES) == expected
 
@@ -315,6 +317,9 @@ def test_small_cnn_dropout_only_in_training():
         (lambda: create_model("wide_resnet", 10, depth=33), "depth"),
         (lambda: create_model("wide_resnet", 10, widen_factor=0), "widen_factor"),
         (lambda: create_model("wrn-34-10", 10, depth=28), "depth"),
+        (lambda: create_model("dm_wide_resnet", 10, activation="gelu"), "activation"),
+        (lambda: create_model("dm_wide_resnet", 10, depth=30), "depth"),
+        (lambda: create_model("dm_preact_resnet", 10, depth=50), "depth"),
         (lambda: create_model("resnet18", 10, widths=(8,)), "widths"),
         (lambda: create_model("cnn", 10, widths=()), "widths"),
         (lambda: create_model("cnn", 10, hidden=-1), "hidden"),

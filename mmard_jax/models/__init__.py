@@ -7,7 +7,9 @@
     count_params(variables["params"])
 
 Names: ``resnet18``, ``preact_resnet18`` (kwarg ``final_bn``), ``wide_resnet`` (kwargs ``depth``,
-``widen_factor``; aliases ``wrn-28-10``, ``wrn-34-10``, ``wrn-70-16``), ``mobilenet_v2``,
+``widen_factor``; aliases ``wrn-28-10``, ``wrn-34-10``, ``wrn-70-16``), ``dm_wide_resnet`` (kwargs ``depth``,
+``widen_factor``, ``activation``) and ``dm_preact_resnet`` (kwargs ``depth``, ``activation``): DeepMind's
+architectures of RobustBench's Gowal/Rebuffi teachers, ``mobilenet_v2``,
 ``small_cnn`` (kwarg ``dropout_rate``), ``cnn`` (kwargs ``widths``, ``hidden``, ``use_bn``, ``downsample``) and
 ``mlp`` (kwarg ``hidden``). Each model module documents its parameter naming.
 """
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmard_jax.models.dm_resnet import DMPreActResNet, DMWideResNet
 from mmard_jax.models.layers import Dtype, ImageClassifier
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.resnet import PreActResNet18, ResNet18
@@ -37,6 +40,8 @@ _REGISTRY: dict[str, tuple[type[ImageClassifier], dict[str, Any]]] = {
     "wrn-28-10": (WideResNet, {"depth": 28, "widen_factor": 10}),
     "wrn-34-10": (WideResNet, {"depth": 34, "widen_factor": 10}),
     "wrn-70-16": (WideResNet, {"depth": 70, "widen_factor": 16}),
+    "dm_wide_resnet": (DMWideResNet, {}),
+    "dm_preact_resnet": (DMPreActResNet, {}),
     "mobilenet_v2": (MobileNetV2, {}),
     "small_cnn": (SmallCNN, {}),
     "cnn": (CNN, {}),
@@ -49,6 +54,8 @@ _COMMON_FIELDS = frozenset(field.name for field in dataclasses.fields(ImageClass
 
 __all__ = [
     "CNN",
+    "DMPreActResNet",
+    "DMWideResNet",
     "MLP",
     "MODEL_NAMES",
     "MobileNetV2",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -92,6 +92,12 @@ class ImageClassifier(nn.Module):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     bn_axis_name: str | None = None
+
+    # Names ``n`` whose Flax submodules ``n_<i>`` are the PyTorch ``nn.Sequential`` entries ``n.<i>`` (the
+    # checkpoint converter's naming rule); None = no PyTorch counterpart to convert from or to.
+    torch_sequentials: ClassVar[frozenset[str] | None] = None
+    # (key prefix, why) of PyTorch state-dict entries the reference definition holds but never uses.
+    torch_unused: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __post_init__(self) -> None:
         check_positive_int("num_classes", self.num_classes)

@@ -13,6 +13,8 @@ Parameter names (PyTorch key with ``.<i>`` -> ``_<i>`` and ``.`` -> ``/``): ``co
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
@@ -74,6 +76,8 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(ImageClassifier):
     """CIFAR MobileNetV2 (width multiplier 1)."""
+
+    torch_sequentials: ClassVar[frozenset[str]] = frozenset({"layers", "shortcut"})
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

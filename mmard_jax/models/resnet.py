@@ -13,6 +13,8 @@ BN (Rice et al.), 11,171,146 with ``final_bn=False`` (kuangliu's variant, which 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
@@ -27,6 +29,7 @@ from mmard_jax.models.layers import (
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet-18
+TORCH_SEQUENTIALS = frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
 
 
 def stage_block_specs() -> list[tuple[str, int, int]]:
@@ -63,6 +66,8 @@ class BasicBlock(nn.Module):
 class ResNet18(ImageClassifier):
     """CIFAR ResNet-18: conv-bn-relu stem, BasicBlocks [2, 2, 2, 2], global average pool, linear."""
 
+    torch_sequentials: ClassVar[frozenset[str]] = TORCH_SEQUENTIALS
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self.conv_def(), self.norm_def(train)
@@ -82,6 +87,8 @@ class PreActResNet18(ImageClassifier):
     """
 
     final_bn: bool = True
+
+    torch_sequentials: ClassVar[frozenset[str]] = TORCH_SEQUENTIALS
 
     def __post_init__(self) -> None:
         check_bool("final_bn", self.final_bn)

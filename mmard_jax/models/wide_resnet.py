@@ -21,6 +21,8 @@ drops it: 48,262,586 stored parameters vs 46,160,474 here for WRN-34-10, 10 clas
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
@@ -77,6 +79,11 @@ class WideResNet(ImageClassifier):
 
     depth: int = 34
     widen_factor: int = 10
+
+    torch_sequentials: ClassVar[frozenset[str]] = frozenset({"layer"})
+    torch_unused: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("sub_block1.", "TRADES/RobustBench WideResNet builds sub_block1 but never calls it in forward"),
+    )
 
     def __post_init__(self) -> None:
         blocks_per_group(self.depth)
