@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"imported {record['source']} as {record['model']['name']} {record['model']['kwargs']} -> {args.out}")
     for reason, count in collections.Counter(record["dropped_keys"].values()).items():
         print(f"read past {count} key(s): {reason} (listed in import.json)")
-    print(f"distil from it: python -m mmard_jax.main --config CONFIG --config.teacher.checkpoint={args.out}")
+    config = f"configs/{args.dataset}.py" if record["robustbench"] else "CONFIG"
+    print(f"distil from it: python -m mmard_jax.main --config {config} --config.teacher.checkpoint={args.out}")
     return 0
 
 
