@@ -13,6 +13,9 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mmard_jax import storage
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -37,11 +40,11 @@ def signature_mismatch(expected: dict, found: dict, limit: int = 5) -> list[str]
     return problems[:limit]
 
 
-def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _save_args(state, meta) -> ocp.args.Composite:
@@ -52,9 +55,9 @@ class RunCheckpoints:
     """The latest-N and best checkpoints of one training run."""
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
-        self.latest = _manager(os.path.join(self.directory, "latest"), keep, async_save)
-        self.best = _manager(os.path.join(self.directory, "best"), 1, async_save)
+        self.directory = storage.path(directory)
+        self.latest = _manager(self.directory / "latest", keep, async_save)
+        self.best = _manager(self.directory / "best", 1, async_save)
 
     def save(self, step: int, state, meta: dict) -> None:
         """Saves into latest/ (asynchronously when configured); a repeated step is ignored."""
@@ -82,7 +85,7 @@ class RunCheckpoints:
         if step is None:
             return None
         meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        check_signature(meta, expected_signature, os.path.join(self.directory, "latest", str(step)))
+        check_signature(meta, expected_signature, self.directory / "latest" / str(step))
         restored = self.latest.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
@@ -106,7 +109,7 @@ def read_meta(manager: ocp.CheckpointManager) -> dict | None:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def check_signature(meta: dict, expected_signature: dict, where: str) -> None:
+def check_signature(meta: dict, expected_signature: dict, where: str | os.PathLike) -> None:
     problems = signature_mismatch(expected_signature, meta.get("signature", {}))
     if problems:
         saved_model = meta.get("model", "?")
@@ -124,16 +127,17 @@ def _host_target(manager: ocp.CheckpointManager, step: int):
     return jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), saved)
 
 
-def checkpoint_dir(run_dir: str) -> str:
+def checkpoint_dir(run_dir: str | os.PathLike) -> epath.Path:
     """Where a run directory keeps its checkpoints: ``run_dir/checkpoints`` (training runs, imports) or itself."""
-    nested = os.path.join(run_dir, "checkpoints")
-    return nested if os.path.isdir(nested) else run_dir
+    run_dir = storage.path(run_dir)
+    nested = run_dir / "checkpoints"
+    return nested if nested.is_dir() else run_dir
 
 
-def read_run_meta(run_dir: str) -> dict | None:
+def read_run_meta(run_dir: str | os.PathLike) -> dict | None:
     """The metadata of a run directory's newest 'latest' save (model config, signature, ...); None if it has none."""
-    path = os.path.abspath(os.path.join(checkpoint_dir(run_dir), "latest"))
-    if not os.path.isdir(path):
+    path = checkpoint_dir(run_dir) / "latest"
+    if not path.is_dir():
         return None
     manager = ocp.CheckpointManager(
         path, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={"meta": ocp.JsonCheckpointHandler()}
@@ -144,10 +148,10 @@ def read_run_meta(run_dir: str) -> dict | None:
         manager.close()
 
 
-def write_variables(run_dir: str, variables: dict, meta: dict) -> str:
+def write_variables(run_dir: str | os.PathLike, variables: dict, meta: dict) -> epath.Path:
     """Writes network variables as step 0 of ``run_dir/checkpoints``, the layout :func:`load_variables` and a
     teacher checkpoint setting read; the meta gets the shape signature. Returns the checkpoint directory."""
-    directory = os.path.join(run_dir, "checkpoints")
+    directory = storage.path(run_dir) / "checkpoints"
     state = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
     checkpoints = RunCheckpoints(directory, keep=1, async_save=False)
     try:
@@ -157,19 +161,19 @@ def write_variables(run_dir: str, variables: dict, meta: dict) -> str:
     return directory
 
 
-def load_variables(run_dir: str, which: str, expected_signature: dict | None = None) -> tuple[dict, dict]:
+def load_variables(run_dir: str | os.PathLike, which: str, expected_signature: dict | None = None) -> tuple[dict, dict]:
     """(variables, meta) of a run's 'best' or 'last' checkpoint: variables = {'params', 'batch_stats'} as NumPy arrays.
 
     ``run_dir`` is a run directory of ours (holding latest/ and best/). 'best' falls back to 'last' when no best
     save exists (a run with no periodic evaluation).
     """
-    run_dir = os.path.abspath(run_dir)  # Orbax refuses relative paths
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"no checkpoint directory at {run_dir!r}")
+    run_dir = storage.path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at '{run_dir}'")
     subdirs = ["best", "latest"] if which == "best" else ["latest"]
     for sub in subdirs:
-        path = os.path.join(run_dir, sub)
-        if not os.path.isdir(path):
+        path = run_dir / sub
+        if not path.is_dir():
             continue
         manager = ocp.CheckpointManager(
             path,
@@ -182,11 +186,11 @@ def load_variables(run_dir: str, which: str, expected_signature: dict | None = N
                 continue
             meta = read_meta(manager)
             if expected_signature is not None:
-                check_signature(meta, expected_signature, os.path.join(path, str(step)))
+                check_signature(meta, expected_signature, path / str(step))
             target = _host_target(manager, step)
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         finally:
             manager.close()
         variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
         return variables, meta
-    raise FileNotFoundError(f"no checkpoint under {run_dir!r} (looked in {', '.join(subdirs)})")
+    raise FileNotFoundError(f"no checkpoint under '{run_dir}' (looked in {', '.join(subdirs)})")

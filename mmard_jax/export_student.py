@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging as absl_logging
 
 from mmard_jax import checkpoint as ckpt_lib
-from mmard_jax import convert, networks
+from mmard_jax import convert, networks, storage
 
 EXIT_USAGE = 2
 
@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def export(run_dir: str, out: str, which: str = "best") -> dict:
     """Writes the state dict of a run's checkpoint to ``out``; returns the record written to ``<out>.json``."""
+    if storage.is_remote(out):
+        raise ValueError(f"--out {out!r}: write the file locally, then copy it (gsutil cp / gcloud storage cp)")
     variables, meta = ckpt_lib.load_variables(ckpt_lib.checkpoint_dir(run_dir), which)
     if not meta.get("model"):
         raise ValueError(f"the checkpoint in {run_dir!r} does not record its model; it cannot be exported")

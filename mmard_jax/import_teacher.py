@@ -20,14 +20,13 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import sys
 
 from absl import logging as absl_logging
 
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import config as config_lib
-from mmard_jax import convert, networks
+from mmard_jax import convert, networks, storage
 from mmard_jax.convert import robustbench
 from mmard_jax.models import MODEL_NAMES
 
@@ -126,12 +125,12 @@ def import_teacher(args: argparse.Namespace) -> dict:
         "image_shape": list(image_shape),
         "dropped_keys": dropped,
     }
-    if args.overwrite:
-        shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
+    out = storage.path(args.out)
+    if args.overwrite and (out / "checkpoints").exists():
+        (out / "checkpoints").rmtree()
     ckpt_lib.write_variables(args.out, variables, {"job": "imported", "model": model, "num_classes": num_classes,
                                                   "source": record["source"], "sha256": record["sha256"]})
-    with open(os.path.join(args.out, "import.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    (out / "import.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 

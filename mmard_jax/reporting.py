@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 
 import jax
+
+from mmard_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -18,20 +21,19 @@ class MetricsLog:
     """
 
     def __init__(self, directory: str, *, tensorboard: bool = True):
-        self.path = os.path.join(directory, METRICS_FILE)
+        directory = storage.path(directory)
+        self.path = directory / METRICS_FILE
         self.enabled = jax.process_index() == 0
         self._file = None
         self._tb = None
         if self.enabled:
-            os.makedirs(directory, exist_ok=True)
-            cut_short = _ends_mid_line(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")
-            if cut_short:  # a kill mid-write left half a record: start our records on a line of their own
-                self._file.write("\n")
+            # A kill mid-write may have left half a record: the appender starts ours on a line of their own.
+            self._file = storage.LineAppender(self.path)
             if tensorboard:
                 from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+                storage.register_tensorboard_remote_writers()
+                self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -57,14 +59,6 @@ class MetricsLog:
             self._tb = None
 
 
-def _ends_mid_line(path: str) -> bool:
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return False
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
-
-
 def _plain(value):
     try:
         return float(value) if not isinstance(value, (str, bool, int)) else value
@@ -74,10 +68,11 @@ def _plain(value):
 
 def read_metrics(path: str, kind: str) -> list[dict]:
     """Records of ``kind`` in a metrics.jsonl file; a step logged twice (before and after a resume) keeps its last."""
-    if not os.path.exists(path):
+    path = storage.path(path)
+    if not path.exists():
         return []
     by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -142,8 +137,10 @@ def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.path(path).write_bytes(png.getvalue())
 
 
 ATTACK_TITLES = {

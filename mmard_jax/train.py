@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from mmard_jax import checkpoint as ckpt_lib
-from mmard_jax import parallel, reporting
+from mmard_jax import parallel, reporting, storage
 from mmard_jax.attacks.pgd import pgd, random_start
 from mmard_jax.data import augment, pipeline
 from mmard_jax.methods import Method, Views, build_method
@@ -266,7 +266,7 @@ class Job:
     """One training run: a model trained by a method (teacher-free or distilled from ``teacher``)."""
 
     name: str  # 'teacher' or the method name; also the log prefix
-    workdir: str  # run directory: checkpoints, metrics.jsonl, TensorBoard events
+    workdir: str | os.PathLike  # run directory (local or gs://...): checkpoints, metrics.jsonl, TensorBoard events
     model_cfg: Any
     method_cfg: Any
     attack_cfg: Any
@@ -385,7 +385,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     state = parallel.replicate(state, mesh)
 
     checkpoints = ckpt_lib.RunCheckpoints(
-        os.path.join(job.workdir, "checkpoints"), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        storage.path(job.workdir) / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
     abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     latest_meta = checkpoints.read_meta("latest")
