@@ -10,7 +10,9 @@ import copy
 
 import ml_collections
 
+from mmard_jax.data.sources import CIFAR_ARCHIVES
 from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
+
 PGD_INITS = ("method", "none", "normal", "uniform")
 NORMS = ("linf", "l2")
 SCHEDULES = ("piecewise", "cosine", "constant")
@@ -134,11 +136,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         {
-            "source": "tfds",  # 'tfds' | 'cifar_archive' | 'mnist5k' | 'digits'
-            "name": "cifar10",
+            # 'cifar_archive' (the official CIFAR python archive, no TensorFlow needed) | 'tfds' (an array_record copy
+            # in data_dir, prepared with TensorFlow) | 'mnist5k' | 'digits' (bundled, offline)
+            "source": "cifar_archive",
+            "name": "cifar10",  # 'cifar10' | 'cifar100' (cifar_archive); any TFDS name with 'image' and 'label' (tfds)
             "data_dir": "",  # TFDS data_dir ('' = TFDS default)
-            "archive_dir": "",  # folder with the official CIFAR archive ('' = ~/.cache/mmard_jax)
-            "download": False,  # download the official archive when missing (needs the internet)
+            # folder of the CIFAR archive ('' = $MMARD_JAX_CACHE if set, else ~/.cache/mmard_jax)
+            "archive_dir": "",
+            # fetch the archive (~160 MB, SHA-256/MD5-checked) when missing or wrong; it is downloaded from the official
+            # URL, or from $MMARD_JAX_CIFAR_URL/<file name> when that mirror folder URL is set
+            "download": True,
             "train_split": "train",
             "test_split": "test",
             "holdout_size": 0,  # training examples held out to pick the best checkpoint (0 = use the test split)
@@ -293,6 +300,8 @@ def validate(config, device_count: int = 1) -> None:
     run_stages = stages(config)
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("data.source", config.data.source, DATA_SOURCES)
+    if config.data.source == "cifar_archive":
+        _check_choice("data.name", config.data.name, tuple(CIFAR_ARCHIVES))
     if config.data.holdout_size < 0:
         _fail("data.holdout_size", f"{config.data.holdout_size} must be >= 0")
     if config.data.crop_padding < 0:

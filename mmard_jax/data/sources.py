@@ -5,22 +5,32 @@ Sources (`config.data.source`):
 - ``digits``: scikit-learn's 1797 8x8 digits, same split; tiny and real, for fast tests.
 - ``tfds``: a TFDS dataset prepared in the array_record format, read with `tfds.data_source`
   (no TensorFlow needed).
-- ``cifar_archive``: the official ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
-  (the files torchvision downloads), verified by SHA-256 and MD5 before anything is unpickled.
+- ``cifar_archive`` (the CIFAR default): the official ``cifar-10-python.tar.gz`` /
+  ``cifar-100-python.tar.gz`` (the files torchvision downloads), fetched once into
+  ``config.data.archive_dir`` (default ``$MMARD_JAX_CACHE``, else ``~/.cache/mmard_jax``; mirror:
+  ``$MMARD_JAX_CIFAR_URL``) and verified by SHA-256 and MD5 before anything is unpickled.
 
 Every source returns a `Dataset` of `ArraySource` splits: images uint8 [N, H, W, C] (channel dim
 even for grayscale), labels int32 [N]. `ArraySource.num_examples` gives N. Nothing is cached to
 disk except a downloaded CIFAR archive.
+
+Data that is missing or cannot be fetched raises `DataUnavailableError` (a FileNotFoundError) and
+an archive with the wrong digests `ArchiveDigestError` (a ValueError); each message says how to fix
+it, and `python -m mmard_jax.main` prints it as one ``error:`` message and exits with status 2.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
+import logging
 import os
 import pickle
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, NamedTuple
 
@@ -29,6 +39,20 @@ import numpy as np
 SPLIT_SEED = 0  # seed of the stratified test split and of the holdout permutation
 DIGITS_MAX_TEST_FRACTION = 0.2  # digits: test size = min(mnist5k_test_size, 20% of N)
 DEFAULT_ARCHIVE_DIR = os.path.join("~", ".cache", "mmard_jax")
+CACHE_ENV = "MMARD_JAX_CACHE"  # environment variable: the archive folder when config.data.archive_dir is ''
+MIRROR_ENV = "MMARD_JAX_CIFAR_URL"  # environment variable: a folder URL to download the archives from instead
+READ_TIMEOUT_S = 60  # seconds a download may wait to connect and for each read
+CHUNK_BYTES = 1 << 20
+
+logger = logging.getLogger(__name__)
+
+
+class DataUnavailableError(FileNotFoundError):
+    """The data the config names is not here and could not be fetched; the message says how to get it."""
+
+
+class ArchiveDigestError(ValueError):
+    """A CIFAR archive whose SHA-256 or MD5 is not the official one; it is never unpickled."""
 
 
 class ArraySource(NamedTuple):
@@ -155,15 +179,17 @@ def _load_digits(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
 
 
 def _tfds_missing_message(name: str, data_dir: str) -> str:
-    where = data_dir or "the TFDS default (~/tensorflow_datasets)"
-    dir_arg = data_dir or "~/tensorflow_datasets"
+    """How to get a TFDS copy that `tfds.data_source` can read, or to do without one."""
+    dir_arg = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    where = data_dir or f"{dir_arg} (the TFDS default)"
     return (
-        f"No array_record copy of TFDS dataset config.data.name={name!r} in config.data.data_dir={where}. "
-        "TFDS needs TensorFlow to prepare it; on a machine with TensorFlow run\n"
-        f"  pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record "
-        f"--data_dir {dir_arg}\n"
-        "and copy the folder here, or use the official CIFAR archive instead with "
-        "--config.data.source=cifar_archive (add --config.data.download=True to fetch it).")
+        f"no prepared array_record copy of TFDS dataset config.data.name={name!r}\n"
+        f"in config.data.data_dir={where}. Preparing it needs TensorFlow. Either\n"
+        f"  - on a machine with TensorFlow run\n"
+        f"      pip install tensorflow tensorflow-datasets\n"
+        f"      tfds build {name} --file_format=array_record --data_dir {dir_arg}\n"
+        f"    and copy that folder here, or\n"
+        f"  - use the official CIFAR archive (no TensorFlow, downloaded once): --config.data.source=cifar_archive")
 
 
 def _read_tfds_split(source: Any) -> ArraySource:
@@ -183,10 +209,14 @@ def _read_tfds_split(source: Any) -> ArraySource:
 
 
 def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
-    import tensorflow_datasets as tfds
-
     name = str(data_cfg.name)
     data_dir = str(data_cfg.data_dir)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise DataUnavailableError(
+            f"config.data.source='tfds' needs tensorflow-datasets ({err}); pip install tensorflow-datasets, "
+            "or use --config.data.source=cifar_archive") from err
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as err:
@@ -195,8 +225,14 @@ def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     def read(split: str) -> ArraySource:
         try:
             source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-        except (FileNotFoundError, NotImplementedError, AssertionError) as err:
-            raise FileNotFoundError(_tfds_missing_message(name, data_dir)) from err
+        except KeyError as err:  # a prepared copy lacks this split; an unprepared one has none
+            if known := sorted(builder.info.splits):
+                raise ValueError(
+                    f"{split!r} (config.data.train_split / test_split) is not a split of {name}: {known}") from err
+            raise DataUnavailableError(_tfds_missing_message(name, data_dir)) from err
+        # An unprepared folder also fails with no files or a non-random-access format.
+        except (OSError, NotImplementedError, AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
+            raise DataUnavailableError(_tfds_missing_message(name, data_dir)) from err
         return _read_tfds_split(source)
 
     train = read(str(data_cfg.train_split))
@@ -276,15 +312,18 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return _ALLOWED_GLOBALS[(module, name)]
 
 
-def _digest_mismatch(data: bytes, sha256: str, md5: str) -> str | None:
-    """A description of the first digest that does not match, or None when both match."""
-    actual_sha256 = hashlib.sha256(data).hexdigest()
+def _digest_mismatch(hashes: tuple[Any, Any], sha256: str, md5: str) -> str | None:
+    """Which of (SHA-256, MD5) hash objects does not match, or None when both match."""
+    actual_sha256, actual_md5 = (h.hexdigest() for h in hashes)
     if actual_sha256 != sha256.lower():
         return f"SHA-256 {actual_sha256} != expected {sha256}"
-    actual_md5 = hashlib.md5(data).hexdigest()
     if actual_md5 != md5.lower():
         return f"MD5 {actual_md5} != expected {md5}"
     return None
+
+
+def _new_hashes(data: bytes = b"") -> tuple[Any, Any]:
+    return hashlib.sha256(data), hashlib.md5(data)
 
 
 def _unpickle_batch(archive: tarfile.TarFile, member: str, label_key: bytes, num_classes: int) -> ArraySource:
@@ -312,62 +351,213 @@ def _concat(parts: list[ArraySource]) -> ArraySource:
     return ArraySource(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
+def default_archive_dir() -> str:
+    """The archive folder when config.data.archive_dir is '': $MMARD_JAX_CACHE, else ~/.cache/mmard_jax."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_ARCHIVE_DIR)
+
+
+def archive_url(spec: ArchiveSpec) -> str:
+    """Where to download `spec` from: the official URL, or the file in the $MMARD_JAX_CIFAR_URL folder."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    return f"{mirror.rstrip('/')}/{spec.filename}" if mirror else spec.url
+
+
+def _curl_line(spec: ArchiveSpec, path: str) -> str:
+    return f"  curl -L --fail --create-dirs -o {path} {spec.url}"
+
+
+def _fetch_hint(spec: ArchiveSpec, path: str) -> str:
+    """The lines telling how to put the archive at `path` without our downloader."""
+    return (f"Fetch it by hand to the path it is read from:\n{_curl_line(spec, path)}\n"
+            f"or set {MIRROR_ENV} to a mirror folder that holds {spec.filename}.")
+
+
+def _read_verified(path: str | os.PathLike, spec: ArchiveSpec, sha256: str, md5: str,
+                   fix: str = "Delete it and download it again.") -> bytes:
+    """The bytes of `path`, after checking its digests: a mismatch raises ArchiveDigestError ending in `fix`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise DataUnavailableError(f"cannot read {path}: {err.strerror or err}") from err
+    mismatch = _digest_mismatch(_new_hashes(data), sha256, md5)
+    if mismatch:
+        raise ArchiveDigestError(
+            f"{path} is not the official {spec.filename}; refusing to unpickle it (unpickling runs code).\n"
+            f"({mismatch})\n{fix}")
+    return data
+
+
+def _parse_archive(data: bytes, spec: ArchiveSpec) -> tuple[ArraySource, ArraySource, int]:
+    """(train, test, num_classes) from the verified bytes of a CIFAR python archive, without extracting it."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            def read(members: tuple[str, ...]) -> ArraySource:
+                return _concat([_unpickle_batch(archive, m, spec.label_key, spec.num_classes) for m in members])
+
+            return read(spec.train_members), read(spec.test_members), spec.num_classes
+    except tarfile.TarError as err:
+        raise ValueError(f"{spec.filename} is not a readable tar.gz archive: {err}") from err
+
+
 def read_cifar_archive(path: str | os.PathLike, name: str, *, sha256: str | None = None,
                        md5: str | None = None) -> tuple[ArraySource, ArraySource, int]:
     """Reads (train, test, num_classes) from an official CIFAR python archive, without extracting it.
 
     The whole file is read once into memory and its SHA-256 and MD5 are checked against
     `sha256` / `md5` (default: the official digests for `name`) BEFORE anything is unpickled;
-    a mismatch raises ValueError. Unpickling is further restricted to containers and numpy arrays.
+    a mismatch raises ArchiveDigestError. Unpickling is further restricted to containers and numpy arrays.
     """
     spec = archive_spec(name)
-    with open(path, "rb") as f:
-        data = f.read()
-    mismatch = _digest_mismatch(data, sha256 or spec.sha256, md5 or spec.md5)
-    if mismatch:
-        raise ValueError(
-            f"{path} is not the official {spec.filename} ({mismatch}); refusing to unpickle it, since "
-            "unpickling runs code. Delete it and download it again.")
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-        def read(members: tuple[str, ...]) -> ArraySource:
-            return _concat([_unpickle_batch(archive, m, spec.label_key, spec.num_classes) for m in members])
-
-        return read(spec.train_members), read(spec.test_members), spec.num_classes
+    return _parse_archive(_read_verified(path, spec, sha256 or spec.sha256, md5 or spec.md5), spec)
 
 
-def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str) -> None:
+def _temp_file_beside(dest: str, hint: str) -> str:
+    """An empty temporary file in `dest`'s folder (created if needed), so the final rename is atomic."""
+    folder = os.path.dirname(dest)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".part", dir=folder)
+    except OSError as err:
+        raise DataUnavailableError(
+            f"cannot write a file in {folder}: {err.strerror or err}.\n"
+            f"Choose a writable folder with --config.data.archive_dir or {CACHE_ENV}.\n{hint}") from err
+    os.close(fd)
+    return tmp_path
+
+
+def _progress_bar(total: int | None, description: str, progress: bool | None) -> Any:
+    """A tqdm byte counter (size, rate, ETA); `progress` None = only on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, disable=None if progress is None else not progress)
+
+
+def _network_reason(err: BaseException) -> str:
+    """A short reason for a failed download."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}."
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {READ_TIMEOUT_S} s"
+    return str(reason) or type(reason).__name__
+
+
+def _stream(url: str, out: io.BufferedWriter, progress: bool | None) -> tuple[tuple[Any, Any], int, int | None]:
+    """Copies `url` into `out`, hashing on the way: ((sha256, md5), bytes received, Content-Length or None).
+
+    Network failures raise urllib / http.client / OSError exceptions; a failed write raises
+    DataUnavailableError naming the temporary file.
+    """
+    hashes, received = _new_hashes(), 0
+    with urllib.request.urlopen(url, timeout=READ_TIMEOUT_S) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        with _progress_bar(total, os.path.basename(urllib.parse.urlparse(url).path), progress) as bar:
+            while chunk := response.read(CHUNK_BYTES):
+                _write(out, chunk)
+                for h in hashes:
+                    h.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    _write(out, b"", flush=True)
+    return hashes, received, total
+
+
+def _write(out: io.BufferedWriter, data: bytes, flush: bool = False) -> None:
+    """Writes (and optionally flushes) `data`; a full disk or the like raises DataUnavailableError."""
+    try:
+        out.write(data)
+        if flush:
+            out.flush()
+    except OSError as err:
+        raise DataUnavailableError(f"cannot write {out.name}: {err.strerror or err}") from err
+
+
+def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str,
+                     progress: bool | None = None, hint: str = "") -> None:
     """Downloads `url` to a temporary file beside `dest`, verifies it, then renames it atomically.
 
-    A download whose digests do not match raises ValueError and leaves nothing behind.
+    Waits at most READ_TIMEOUT_S to connect and for each read. No network, an HTTP error, a short
+    body or a failed write raise DataUnavailableError; wrong digests raise ArchiveDigestError. Every
+    message ends with `hint`, and on any failure (or interruption) nothing is left behind; a file
+    already at `dest` is replaced only by a verified download. `progress`: tqdm bar (None = on a terminal).
     """
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".download-", dir=folder)
+    dest = os.path.abspath(dest)
+    tmp_path = _temp_file_beside(dest, hint)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        with open(tmp_path, "rb") as f:
-            mismatch = _digest_mismatch(f.read(), sha256, md5)
+        with open(tmp_path, "wb") as out:
+            try:
+                hashes, received, total = _stream(url, out, progress)
+            except DataUnavailableError as err:
+                raise DataUnavailableError(f"{err}\n{hint}") from err
+            # URLError, HTTPError, timeouts, resets; ValueError: a URL urllib cannot open (a bad mirror setting).
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                if isinstance(err, urllib.error.HTTPError):
+                    err.close()
+                unreachable = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
+                offline = " (offline, or the server is unreachable?)" if unreachable else ""
+                raise DataUnavailableError(
+                    f"could not download {url}: {_network_reason(err)}{offline}\n{hint}") from err
+        if total is not None and received != total:
+            raise DataUnavailableError(
+                f"the download of {url} stopped after {received} of {total} bytes\n"
+                f"(connection dropped); nothing was kept. Run again to retry.\n{hint}")
+        mismatch = _digest_mismatch(hashes, sha256, md5)
         if mismatch:
-            raise ValueError(f"the file downloaded from {url} is not the official archive ({mismatch})")
+            raise ArchiveDigestError(
+                f"the file downloaded from {url} is not the official archive; it was deleted unread.\n"
+                f"({mismatch})\nA proxy or captive portal may have answered. Run again to retry.\n{hint}")
         os.replace(tmp_path, dest)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
-def _load_cifar_archive(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
-    spec = archive_spec(str(data_cfg.name))
-    archive_dir = os.path.expanduser(str(data_cfg.archive_dir) or DEFAULT_ARCHIVE_DIR)
+def _archive_path(data_cfg: Any, spec: ArchiveSpec) -> str:
+    """Where the archive is read from; a folder where the file should be, or a file as the folder, raise."""
+    archive_dir = os.path.expanduser(str(data_cfg.archive_dir)) if data_cfg.archive_dir else default_archive_dir()
+    archive_dir = os.path.abspath(archive_dir)
     path = os.path.join(archive_dir, spec.filename)
-    if not os.path.exists(path):
-        if not data_cfg.download:
-            raise FileNotFoundError(
-                f"{spec.filename} not found in config.data.archive_dir={archive_dir}. Fetch it from {spec.url} "
-                f"with --config.data.download=True, or run\n  curl -L -o {path} {spec.url}")
-        download_archive(spec.url, path, sha256=spec.sha256, md5=spec.md5)
-    return read_cifar_archive(path, str(data_cfg.name))
+    if os.path.exists(archive_dir) and not os.path.isdir(archive_dir):
+        raise DataUnavailableError(
+            f"config.data.archive_dir={archive_dir} is a file, not a folder.\n"
+            f"Point --config.data.archive_dir (or {CACHE_ENV}) at a folder, or move that file away.")
+    if os.path.isdir(path):
+        raise DataUnavailableError(
+            f"{path} is a folder; it should be the archive file itself.\n"
+            f"Remove that folder, then run again.\n{_fetch_hint(spec, path)}")
+    return path
+
+
+def _load_cifar_archive(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    """The official archive from config.data.archive_dir, downloaded first when missing or wrong (download=True).
+
+    A wrong file in the cache is never unpickled; with download=True a verified download replaces it.
+    """
+    spec = archive_spec(str(data_cfg.name))
+    path = _archive_path(data_cfg, spec)
+    curl = _curl_line(spec, path)
+    if os.path.exists(path):
+        fix = f"Delete it and run again with --config.data.download=True, or replace it by hand:\n{curl}"
+        try:
+            return _parse_archive(_read_verified(path, spec, spec.sha256, spec.md5, fix), spec)
+        except ArchiveDigestError as err:
+            if not data_cfg.download:
+                raise
+            logger.warning("%s\nDownloading the official file to replace it (config.data.download=True).",
+                           str(err).split("\n")[0])
+    elif not data_cfg.download:
+        raise DataUnavailableError(
+            f"{spec.filename} is not in config.data.archive_dir={os.path.dirname(path)}.\n"
+            f"Download it with --config.data.download=True, or by hand:\n{curl}")
+    url = archive_url(spec)
+    logger.info("downloading %s from %s to %s", spec.filename, url, path)
+    download_archive(url, path, sha256=spec.sha256, md5=spec.md5, hint=_fetch_hint(spec, path))
+    return _parse_archive(_read_verified(path, spec, spec.sha256, spec.md5), spec)
 
 
 # ----------------------------------------------------------------------------------------------
