@@ -21,15 +21,16 @@ for ((i = 0; i < n; i++)); do
     --config.parallel.num_processes="$n" --config.parallel.process_id="$i" "$@" &
   pids+=($!)
 done
-# One process failing would leave the others waiting in a collective: stop them all. TERM / Ctrl-C is passed on
-# to every process, which saves a checkpoint and exits 75.
+# One process failing would leave the others waiting in a collective: stop them all. A process that exits 75 was
+# preempted: SIGTERM to any one process makes all of them save the same step and exit 75 together (JAX's preemption
+# sync point), so the others are left to finish. TERM / Ctrl-C to this script is passed on to every process.
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 status=0
 for ((i = 0; i < n; i++)); do
   wait -n && continue
   rc=$?
   [[ $status -ne 0 ]] || status=$rc  # the first failure's code (75: preempted, resumable)
-  kill "${pids[@]}" 2>/dev/null || true
+  [[ $rc -eq 75 ]] || kill "${pids[@]}" 2>/dev/null || true
 done
 wait || true  # a wait interrupted by a signal ends early: let every process finish saving
 exit $status

@@ -116,6 +116,20 @@ def correct_count(module: nn.Module, spec: AttackSpec, variables, images_uint8, 
     return jnp.sum((predictions == labels) & mask)
 
 
+_COMPILED_COUNTS: dict = {}
+
+
+def _compiled_count(module: nn.Module, spec: AttackSpec, args: tuple):
+    """:func:`correct_count` compiled for these argument shapes, once per process (see parallel.compile_synchronized)."""
+    leaves = jax.tree.leaves(args)
+    signature = (module, spec, jax.tree.structure(args), tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+    if signature not in _COMPILED_COUNTS:
+        _COMPILED_COUNTS[signature] = parallel.compile_synchronized(
+            correct_count, module, spec, *args, name=f"eval/{spec.name}"
+        )
+    return _COMPILED_COUNTS[signature]
+
+
 def accuracy(
     network: Network,
     source,
@@ -143,8 +157,8 @@ def accuracy(
         )
         bar = reporting.progress_bar(-(-count // batch_size), 0, f"eval {spec.name}", enabled=progress)
         for index, batch in enumerate(batches):
-            images, labels, mask = parallel.global_batch(batch, mesh)
-            correct += int(correct_count(network.module, spec, variables, images, labels, mask, jax.random.fold_in(key, index)))
+            args = (variables, *parallel.global_batch(batch, mesh), jax.random.fold_in(key, index))
+            correct += int(_compiled_count(network.module, spec, args)(*args))
             bar.update(1)
         bar.close()
         results[spec.name] = correct / count

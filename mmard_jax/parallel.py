@@ -6,6 +6,7 @@ along their first axis (``P('data')``). Per-device code reduces over the axis wi
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import jax
@@ -14,6 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+BARRIER_TIMEOUT_S = 3600.0  # how long a process waits for the slowest one to finish compiling
+_barrier_ids = itertools.count()
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +72,29 @@ def initialize_distributed(parallel_cfg) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (a no-op for one process).
+
+    It uses the coordination service of jax.distributed, not a collective, so a process may arrive up to
+    ``BARRIER_TIMEOUT_S`` late (gloo's CPU collectives give up after 30 s). Every process must make the same sequence
+    of calls.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client JAX's own multi-host serialization waits on
+
+    barrier_id = f"mmard_jax/{name}/{next(_barrier_ids)}"
+    distributed.global_state.client.wait_at_barrier(barrier_id, timeout_in_ms=int(BARRIER_TIMEOUT_S * 1000))
+
+
+def compile_synchronized(jitted, *args, name: str):
+    """``jitted`` compiled ahead of time for ``args`` (static ones included), once every process has compiled it.
+
+    Processes finish compiling at different times; meeting first in the program's collectives would make the early
+    ones wait there, and gloo's 30 s timeout on CPU would fail the run. The result is called with the non-static args.
+    """
+    compiled = jitted.lower(*args).compile()
+    barrier(name)
+    return compiled

@@ -87,6 +87,11 @@ def read_metrics(path: str, kind: str) -> list[dict]:
 
 
 class _NoBar:
+    """No bar; ``write`` still prints (on process 0 only, so N processes do not print every line N times)."""
+
+    def __init__(self, prints: bool = True):
+        self.prints = prints
+
     def update(self, n=1):
         pass
 
@@ -94,16 +99,17 @@ class _NoBar:
         pass
 
     def write(self, text):
-        print(text, file=sys.stderr, flush=True)
+        if self.prints:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self):
         pass
 
 
 def progress_bar(total: int, initial: int, description: str, *, enabled: bool = True):
-    """A tqdm bar (steps, rate, ETA) on process 0; a silent stand-in elsewhere or when disabled."""
+    """A tqdm bar (steps, rate, ETA) on process 0; a stand-in without a bar elsewhere or when disabled."""
     if not enabled or jax.process_index() != 0:
-        return _NoBar()
+        return _NoBar(prints=jax.process_index() == 0)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)

@@ -283,20 +283,35 @@ class Outcome:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM into a flag the loop checks after each step (installed only from the main thread)."""
+    """Decides, after each step, whether to save and stop because a process was sent SIGTERM.
+
+    One process: a SIGTERM handler sets a flag (installed only from the main thread). Several processes: JAX's
+    preemption sync point, whose notifier (started by jax.distributed) catches SIGTERM in any one process and makes
+    every process stop at the same step, the next one all of them can reach; a local flag would let processes enter
+    the collective save at different steps and hang.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._synchronized = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._synchronized and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         logger.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Called by every process after every step with the number of steps taken."""
+        if self._synchronized:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -402,6 +417,9 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     log = reporting.MetricsLog(job.workdir, tensorboard=config.log.tensorboard)
     epoch_records = log.read("epoch")
     teacher_vars = parallel.replicate(job.teacher.variables, mesh) if job.teacher is not None else None
+    step_fn = parallel.compile_synchronized(
+        step_fn, state, teacher_vars, *abstract_batch(dataset, optim.batch_size, mesh), name=f"{job.name}/step"
+    )
     lr_at = learning_rate_schedule(optim, steps_per_epoch)
     if start_step:
         logger.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
@@ -456,8 +474,9 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                         _record(pending, log, epoch_sums, config.log.every_steps)
                         pending = None
                         save(step)
-                    if guard.requested:
-                        _record(pending, log, epoch_sums, config.log.every_steps)
+                    if guard.should_stop(step):
+                        if pending is not None:
+                            _record(pending, log, epoch_sums, config.log.every_steps)
                         save(step, wait=True)
                         raise Preempted(f"{job.name}: preempted at step {step}; checkpoint saved")
                 if pending is not None:
@@ -484,6 +503,16 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
         checkpoints.close()
     network = Network(plain_module, jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
     return Outcome(network=network, best_pgd_accuracy=best_pgd, steps=step, epoch_records=epoch_records)
+
+
+def abstract_batch(dataset, batch_size: int, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of one global training batch (images, labels), as the loop places it."""
+    sharding = parallel.batch_sharded(mesh)
+    images = dataset.train.images
+    return (
+        jax.ShapeDtypeStruct((batch_size, *images.shape[1:]), images.dtype, sharding=sharding),
+        jax.ShapeDtypeStruct((batch_size,), jax.dtypes.canonicalize_dtype(dataset.train.labels.dtype), sharding=sharding),
+    )
 
 
 def _record(pending, log, epoch_sums: dict, every: int) -> None:

@@ -4,6 +4,7 @@ import copy
 import functools
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -314,6 +315,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _pids_with(*fragments: str) -> list[int]:
+    """PIDs of this machine's processes whose command line contains every fragment."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and all(fragment in command for fragment in fragments):
+            pids.append(int(entry))
+    return pids
+
+
+def _launch(workdir, overrides):
+    env = {**os.environ, "PYTHON": sys.executable, "PORT": str(_free_port()), "DEVICES_PER_PROCESS": "1"}
+    command = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", os.path.join(ROOT, "configs", "tiny.py"), str(workdir), *overrides]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path):
     """Multi-host data parallelism through the launch script: 2 processes x 1 CPU device (jax.distributed, gloo)
     train the teacher and distil the student of 1 process x 2 devices (same global batch); their checkpoints load
@@ -323,16 +344,51 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
     single = run_main(tmp_path / "single", *overrides)
     output, _ = single.communicate(timeout=600)
     assert single.returncode == 0, output
-    env = {**os.environ, "PYTHON": sys.executable, "PORT": str(_free_port()), "DEVICES_PER_PROCESS": "1"}
-    command = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", os.path.join(ROOT, "configs", "tiny.py"), str(tmp_path / "multi"), *overrides]
-    multi = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert multi.returncode == 0, multi.stdout
-    assert "process 1 of 2, 1 local / 2 global devices" in multi.stdout
+    multi = _launch(tmp_path / "multi", overrides)
+    output, _ = multi.communicate(timeout=600)
+    assert multi.returncode == 0, output
+    assert "process 1 of 2, 1 local / 2 global devices" in output
     for run in ("teacher", os.path.join("students", "mmard")):
         expected, expected_meta = ckpt_lib.load_variables(str(tmp_path / "single" / run / "checkpoints"), "latest")
         found, found_meta = ckpt_lib.load_variables(str(tmp_path / "multi" / run / "checkpoints"), "latest")
         assert found_meta["step"] == expected_meta["step"] > 0
         assert_trees_close(found, expected)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_resume_is_exact(tmp_path):
+    """2 processes (launch script): SIGTERM to process 1 only. JAX's preemption sync point makes both save the same
+    step and exit 75 within a bounded time; running again resumes there and ends where an uninterrupted run ends."""
+    overrides = ("--config.stages=teacher", "--config.teacher.optim.epochs=30", "--config.checkpoint.every_steps=1000")
+    reference = run_main(tmp_path / "reference", *overrides)
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output
+
+    workdir = tmp_path / "multi"
+    launcher = _launch(workdir, overrides)
+    metrics = workdir / "teacher" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"kind": "epoch"') >= 3):
+        time.sleep(0.2)
+    [process_1] = _pids_with(str(workdir), "--config.parallel.process_id=1")
+    signalled = time.time()
+    os.kill(process_1, signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == train.PREEMPTED_EXIT_CODE, output
+    assert time.time() - signalled < 120
+    stopped = re.findall(r"teacher: preempted at step (\d+)", output)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], output  # both processes, the same step
+    step = int(stopped[0])
+    assert 0 < step < 30 * 24
+    assert ckpt_lib.load_variables(str(workdir / "teacher" / "checkpoints"), "latest")[1]["step"] == step
+
+    resumed = _launch(workdir, overrides)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert f"resuming at step {step} of 720" in output
+    expected, expected_meta = ckpt_lib.load_variables(str(tmp_path / "reference" / "teacher" / "checkpoints"), "latest")
+    found, found_meta = ckpt_lib.load_variables(str(workdir / "teacher" / "checkpoints"), "latest")
+    assert found_meta["step"] == expected_meta["step"] == 720
+    assert_trees_close(found, expected)
 
 
 def test_main_end_to_end_on_the_tiny_config(tmp_path):
