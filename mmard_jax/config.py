@@ -130,9 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = "teacher,distill,eval"  # comma-separated subset of teacher, distill, eval, run in this order
     c.baselines = ""  # comma-separated methods trained with the same budget for the comparison table
     c.dtype = "float32"  # compute dtype of the networks: 'float32' | 'bfloat16' (params stay float32)
-    # JAX's persistent compilation cache: a directory where compiled programs are kept across runs ('' = off). A resumed
-    # run or a repeated evaluation then skips XLA compilation (minutes on CPU for AutoAttack).
+    # JAX's persistent compilation cache: a directory where compiled programs are kept across runs ('' = off; may name
+    # '{workdir}', e.g. '{workdir}/xla_cache'). A resumed run or a repeated evaluation then skips XLA compilation.
     c.compilation_cache_dir = ""
+    # Profile training steps [start, stop) of every run with jax.profiler: 'start,stop' ('' = off); the trace is written
+    # to <run dir>/profile, for TensorBoard's profile plugin or Perfetto.
+    c.profile_steps = ""
 
     c.data = ml_collections.ConfigDict(
         {
@@ -200,6 +203,39 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     return c
+
+
+def cifar_config(name: str) -> ml_collections.ConfigDict:
+    """The reference setup for 'cifar10' or 'cifar100' (docs/method.md §5)."""
+    config = base_config()  # every CIFAR-10 reference value lives there, with its source
+    config.data.name = name
+    if name == "cifar100":
+        config.method.kl_reduction = "batchmean"  # AdaAD (the base of MMARD) sums the KL / B on CIFAR-100 (§2)
+    return config
+
+
+# Per accelerator: the evaluation batch (images attacked at once; memory, not the recipe, bounds it).
+ACCELERATOR_EVAL_BATCH = {"gpu": 1024, "tpu": 2048}
+
+
+def for_accelerator(config: ml_collections.ConfigDict, hardware: str) -> ml_collections.ConfigDict:
+    """What a GPU ('gpu': one 80 GB H100/A100) or Cloud TPU ('tpu': a v4-8 / v5e-8 slice) user wants on top of a config.
+
+    - bfloat16 compute; parameters, BatchNorm statistics, losses and the optimizer stay float32;
+    - rolled PGD loops (unroll 1): unrolling pays on XLA:CPU (jax-ml/jax#12868), and a rolled loop compiles faster;
+    - evaluation batches sized for the device memory; the training batch stays the recipe's 128 (the published
+      numbers depend on it): a larger one is ``--config.optim.batch_size`` with the learning rate scaled alike;
+    - the persistent compilation cache in the workdir, so a preempted run resumes without recompiling.
+    """
+    if hardware not in ACCELERATOR_EVAL_BATCH:
+        raise ValueError(f"hardware must be one of {', '.join(ACCELERATOR_EVAL_BATCH)}, got {hardware!r}")
+    config.dtype = "bfloat16"
+    for attack in (config.attack, config.teacher.attack):
+        attack.unroll = 1
+    config.eval.unroll = 1
+    config.eval.batch_size = ACCELERATOR_EVAL_BATCH[hardware]
+    config.compilation_cache_dir = "{workdir}/xla_cache"
+    return config
 
 
 def stages(config) -> tuple[str, ...]:
@@ -299,6 +335,12 @@ def validate(config, device_count: int = 1) -> None:
     """Raises ValueError naming the first bad field; returns None for a usable config."""
     run_stages = stages(config)
     _check_choice("dtype", config.dtype, DTYPES)
+    from mmard_jax.reporting import parse_profile_steps
+
+    try:
+        parse_profile_steps(config.profile_steps)
+    except ValueError as error:
+        _fail("profile_steps", str(error))
     _check_choice("data.source", config.data.source, DATA_SOURCES)
     if config.data.source == "cifar_archive":
         _check_choice("data.name", config.data.name, tuple(CIFAR_ARCHIVES))

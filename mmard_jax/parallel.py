@@ -11,7 +11,7 @@ import logging
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -22,9 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-axis ('data',) mesh over ``devices`` (default: all devices of all processes)."""
+    """A 1-axis ('data',) mesh over ``devices`` (default: all devices of all processes, in the order
+    ``jax.make_mesh`` picks for the hardware's topology). Sharding is automatic: the step says what it reduces."""
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

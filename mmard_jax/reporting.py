@@ -170,3 +170,45 @@ def results_markdown(results: dict[str, dict], *, title: str, notes: list[str] =
     lines.append("")
     lines.extend(f"- {note}" for note in notes)
     return "\n".join(lines) + "\n"
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'10,20' -> (10, 20): trace the training steps taken from 10 up to 20; '' -> None. ValueError otherwise."""
+    if not text.strip():
+        return None
+    try:
+        start, stop = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"profile_steps must be 'start,stop' (two ints), got {text!r}") from None
+    if not 0 <= start < stop:
+        raise ValueError(f"profile_steps must satisfy 0 <= start < stop, got {text!r}")
+    return start, stop
+
+
+class StepProfiler:
+    """Traces the training steps in ``[start, stop)`` with jax.profiler into ``directory``.
+
+    The trace (``plugins/profile/<run>/*.xplane.pb`` and a Perfetto ``*.trace.json.gz``) opens in TensorBoard's profile
+    plugin or at ui.perfetto.dev. A run resumed past ``start`` traces nothing.
+    """
+
+    def __init__(self, steps: str, directory):
+        self.window = parse_profile_steps(steps)
+        self.directory = directory
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        """Called with the number of steps taken so far."""
+        if self.window is not None and step == self.window[0]:
+            jax.profiler.start_trace(os.fspath(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after_step(self, step: int, outputs) -> None:
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

@@ -432,6 +432,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
 
     step = start_step
     progress = reporting.progress_bar(total_steps, start_step, f"{job.name}", enabled=config.log.progress)
+    profiler = reporting.StepProfiler(config.profile_steps, storage.path(job.workdir) / "profile")
     pending = None  # (step, metrics on device) of the previous step, checked one step late to keep the pipeline full
     window_start, window_images = time.perf_counter(), 0
     try:
@@ -451,7 +452,9 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                 epoch_sums: dict[str, float] = {}
                 for images, labels in batches:
                     images, labels = parallel.global_batch((images, labels), mesh)
+                    profiler.before_step(step)
                     state, metrics = step_fn(state, teacher_vars, images, labels)
+                    profiler.after_step(step + 1, metrics)
                     if pending is not None:
                         _record(pending, log, epoch_sums, config.log.every_steps)
                     pending = (step, metrics)
@@ -498,6 +501,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                 save(step, {**extra, "complete": last_epoch})
         checkpoints.wait()
     finally:
+        profiler.close()
         progress.close()
         log.close()
         checkpoints.close()

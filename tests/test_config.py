@@ -9,7 +9,8 @@ from ml_collections import config_flags
 from mmard_jax import config as config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-SHIPPED = ("cifar10.py", "cifar100.py", "mnist5k.py", "tiny.py")
+ACCELERATOR = ("cifar10_gpu.py", "cifar10_tpu.py", "cifar100_gpu.py", "cifar100_tpu.py")
+SHIPPED = ("cifar10.py", "cifar100.py", "mnist5k.py", "tiny.py", *ACCELERATOR)
 
 
 def parse(config_file: str, *overrides: str):
@@ -35,6 +36,27 @@ def test_reference_values_of_cifar_configs():
     assert c10.student.model.name == "resnet18" and c10.teacher.model.name == "wrn-34-10"
     assert c10.method.kl_reduction == "mean" and c100.method.kl_reduction == "batchmean"
     assert c100.data.name == "cifar100"
+
+
+@pytest.mark.parametrize("name", ACCELERATOR)
+def test_accelerator_configs_change_only_what_the_hardware_needs(name):
+    """The recipe (losses, attack, optimiser, data) is the CPU-agnostic config's; compute dtype, loop unrolling,
+    evaluation batch and compilation cache are the accelerator's."""
+    base = parse(name.split("_")[0] + ".py").to_dict()
+    accelerated = parse(name).to_dict()
+    changed = {
+        (section, key)
+        for section, values in accelerated.items()
+        for key in (values if isinstance(values, dict) else [None])
+        if (base[section] if key is None else base[section][key]) != (values if key is None else values[key])
+    }
+    hardware = {("dtype", None), ("compilation_cache_dir", None), ("eval", "unroll"), ("eval", "batch_size"),
+                ("attack", "unroll"), ("teacher", "attack")}
+    assert {("dtype", None), ("compilation_cache_dir", None), ("eval", "batch_size")} <= changed <= hardware
+    assert accelerated["teacher"]["attack"] == {**base["teacher"]["attack"], "unroll": 1}
+    assert accelerated["dtype"] == "bfloat16" and accelerated["attack"]["unroll"] == 1
+    assert accelerated["teacher"]["attack"]["unroll"] == 1
+    assert accelerated["compilation_cache_dir"] == "{workdir}/xla_cache"
 
 
 def test_overrides_reach_nested_fields():
@@ -83,6 +105,9 @@ def test_unknown_override_field_is_refused():
         ("baselines", "rslad,unknown", "config.baselines"),
         ("eval.checkpoint", "first", "config.eval.checkpoint"),
         ("dtype", "float16", "config.dtype"),
+        ("profile_steps", "10", "config.profile_steps"),
+        ("profile_steps", "20,10", "config.profile_steps"),
+        ("profile_steps", "a,b", "config.profile_steps"),
         ("eval.pgd_step_size", 1e-4, "config.eval.pgd_step_size"),  # 20 steps cannot reach 8/255
         ("attack.steps", 2, "config.attack.step_size"),  # 2 x 2/255 cannot reach 8/255
     ],
