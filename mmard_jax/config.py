@@ -77,14 +77,20 @@ def method_config(name: str) -> ml_collections.ConfigDict:
     """Loss hyperparameters for every method of docs/method.md §2-3 (only the selected method's fields are read)."""
     return ml_collections.ConfigDict(
         {
-            "name": name,  # pgd_at | trades | ard | iad | rslad | adaad | mmard (= adaad + both MMARD parts)
+            # pgd_at | trades | ard | iad | rslad | adaad | mmard (= adaad + both MMARD parts), or a name added with
+            # mmard_jax.methods.register_method (docs/extending.md)
+            "name": name,
             "mmard_inner": False,  # add MMARD's teacher-guided inner loss to a distillation base (§3.1)
             "mmard_outer": False,  # add MMARD's triangle mutual-information term to a distillation base (§3.2)
-            # KL reduction: 'mean' over B*C (PyTorch KLDivLoss default; ARD/RSLAD/AdaAD CIFAR-10 code),
-            # 'batchmean' = sum / B (IAD; AdaAD CIFAR-100; TRADES), 'sum'.
+            # KL reduction of ARD/RSLAD/AdaAD/TRADES/MMARD: 'mean' over B*C (PyTorch KLDivLoss default; ARD/RSLAD/AdaAD
+            # CIFAR-10 code), 'batchmean' = sum / B (AdaAD CIFAR-100; TRADES), 'sum'. IAD has its own field below.
             "kl_reduction": "mean",
-            "temperature": 30.0,  # ARD/IAD distillation temperature τ (Goldblum et al. 2020, CIFAR-10)
-            "alpha": 1.0,  # ARD/IAD weight a of the KL term; AdaAD weight a of the adversarial KL term
+            "temperature": 30.0,  # ARD distillation temperature τ (Goldblum et al. 2020, CIFAR-10)
+            "alpha": 1.0,  # ARD/IAD weight a of the KL terms; AdaAD weight a of the adversarial KL term
+            # IAD-I's own τ and KL reduction (Zhu et al. 2022; IAD-I.py of github.com/ZFancy/IAD): --temp defaults to
+            # 1.0, and both KL terms are KLDivLoss(reduce=False) summed over classes and examples, times 1/B
+            "iad_temperature": 1.0,
+            "iad_kl_reduction": "batchmean",
             "trades_beta": 6.0,  # TRADES β (Zhang et al. 2019)
             "iad_beta": 0.1,  # IAD-I exponent β of the teacher's confidence (Zhu et al. 2022)
             "iad_warmup_epochs": 60,  # IAD-I: introspection term from this epoch on (60 of 200 in the paper)

@@ -7,6 +7,9 @@ combination; ``mmard`` is AdaAD with both parts on. ``pgd_at`` and ``trades`` tr
 Design choice (the MMARD abstract is silent; see docs/method.md §3.3): ``mmard_inner`` *replaces* the base's
 inner loss by MMARD's ``KL(p_T(x') ‖ p_S(x')) + γ · D_T`` (attack in inference mode), while ``mmard_outer``
 *adds* the triangle to the base's outer loss.
+
+New methods are added from user code with `register_method` (docs/extending.md); validation and the train step
+then accept their names like the built-in ones.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from typing import Any
 from mmard_jax import losses
 from mmard_jax.losses import Views
 
-__all__ = ['METHOD_NAMES', 'DISTILLATION_BASES', 'VIEW_NAMES', 'BoundLoss', 'Method', 'Views', 'bind',
-           'build_method']
+__all__ = ['BUILTIN_METHOD_NAMES', 'METHOD_NAMES', 'DISTILLATION_BASES', 'VIEW_NAMES', 'BoundLoss', 'Method',
+           'Views', 'bind', 'build_method', 'register_method']
 
-METHOD_NAMES = ('adaad', 'ard', 'iad', 'mmard', 'pgd_at', 'rslad', 'trades')
+BUILTIN_METHOD_NAMES = ('adaad', 'ard', 'iad', 'mmard', 'pgd_at', 'rslad', 'trades')
+# The built-in names, then those added by `register_method` (rebound on registration; read it as
+# ``methods.METHOD_NAMES`` at the time of use, not by importing the name once).
+METHOD_NAMES = BUILTIN_METHOD_NAMES
 DISTILLATION_BASES = ('ard', 'iad', 'rslad', 'adaad')
 VIEW_NAMES = Views._fields
 KL_REDUCTIONS = ('mean', 'batchmean', 'sum')
@@ -146,22 +152,27 @@ def _teacher_training_method(name: str, cfg: Any) -> Method:
                   attack_init='uniform' if name == 'pgd_at' else 'normal')
 
 
+def _ard_or_iad_outer(base: str, cfg: Any) -> BoundLoss:
+    """ARD's outer loss, or IAD-I's; IAD reads its own τ and KL reduction (``iad_temperature``,
+    ``iad_kl_reduction``: τ = 1 and sum / B in IAD's public code), ARD the shared ``temperature``/``kl_reduction``."""
+    prefix = 'iad_' if base == 'iad' else ''
+    hyper = dict(alpha=_real(cfg, 'alpha', high=1.0), temperature=_real(cfg, f'{prefix}temperature', low_open=True),
+                 reduction=_choice(cfg, f'{prefix}kl_reduction', KL_REDUCTIONS))
+    if base == 'ard':
+        return bind(losses.ard_outer, **hyper)
+    return bind(losses.iad_outer, **hyper, beta=_real(cfg, 'iad_beta'), warmup_epochs=_count(cfg, 'iad_warmup_epochs'))
+
+
 def _distillation_method(base: str, cfg: Any) -> Method:
     """One of the distillation baselines, exactly as in docs/method.md §2."""
-    reduction = _choice(cfg, 'kl_reduction', KL_REDUCTIONS)
     if base in ('ard', 'iad'):
-        ard_hyper = dict(alpha=_real(cfg, 'alpha', high=1.0), temperature=_real(cfg, 'temperature', low_open=True),
-                         reduction=reduction)
-        if base == 'ard':
-            outer = bind(losses.ard_outer, **ard_hyper)
-            outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
-        else:
-            outer = bind(losses.iad_outer, **ard_hyper, beta=_real(cfg, 'iad_beta'),
-                         warmup_epochs=_count(cfg, 'iad_warmup_epochs'))
-            outer_views = _views('student_nat', 'student_adv', 'teacher_nat', 'teacher_adv')
-        return Method(name=base, inner_loss=losses.ce_inner, outer_loss=outer, inner_views=_views('student_adv'),
-                      outer_views=outer_views, attack_student_train_mode=True, needs_teacher=True,
-                      attack_init='uniform')
+        outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
+        if base == 'iad':
+            outer_views |= _views('teacher_adv')  # w_i = p_T(x'_i)[y_i]^β
+        return Method(name=base, inner_loss=losses.ce_inner, outer_loss=_ard_or_iad_outer(base, cfg),
+                      inner_views=_views('student_adv'), outer_views=outer_views, attack_student_train_mode=True,
+                      needs_teacher=True, attack_init='uniform')
+    reduction = _choice(cfg, 'kl_reduction', KL_REDUCTIONS)
     if base == 'rslad':
         inner, inner_views = losses.rslad_inner, _views('student_adv', 'teacher_nat')
         outer = bind(losses.rslad_outer, adv_weight=_real(cfg, 'rslad_adv_weight', high=1.0), reduction=reduction)
@@ -195,6 +206,19 @@ def _with_mmard_outer(method: Method, cfg: Any, axis_name: str | None) -> Method
                                outer_views=method.outer_views | _views('student_nat', 'student_adv', teacher_view))
 
 
+def _registered_method(name: str, cfg: Any) -> Method:
+    """Call the builder `register_method` stored for ``name``; its views must be Views fields."""
+    method = _REGISTERED[name](cfg)
+    if not isinstance(method, Method):
+        raise TypeError(f'the builder registered for {name!r} returned {type(method).__name__}, not a Method.')
+    method = dataclasses.replace(method, inner_views=frozenset(method.inner_views),
+                                 outer_views=frozenset(method.outer_views))  # hashable: a static jit argument
+    unknown = (method.inner_views | method.outer_views) - set(VIEW_NAMES)
+    if unknown:
+        raise ValueError(f'method {name!r} declares unknown views {sorted(unknown)}; use fields of {VIEW_NAMES}.')
+    return method
+
+
 def build_method(cfg: Any, *, axis_name: str | None = None) -> Method:
     """Build the `Method` described by ``config.method`` (any object with attribute access).
 
@@ -208,15 +232,46 @@ def build_method(cfg: Any, *, axis_name: str | None = None) -> Method:
     name = _choice(cfg, 'name', METHOD_NAMES)
     add_inner = name == 'mmard' or _flag(cfg, 'mmard_inner')
     add_outer = name == 'mmard' or _flag(cfg, 'mmard_outer')
-    if name in ('pgd_at', 'trades'):
-        for field, added in (('mmard_inner', add_inner), ('mmard_outer', add_outer)):
-            if added:
-                raise ValueError(f'config.method.{field} must be False for config.method.name={name!r}: the MMARD '
-                                 f'parts need a teacher; use a base in {DISTILLATION_BASES}.')
-        return _teacher_training_method(name, cfg)
-    method = _distillation_method('adaad' if name == 'mmard' else name, cfg)
+    if name in _REGISTERED:
+        method = _registered_method(name, cfg)
+    elif name in ('pgd_at', 'trades'):
+        method = _teacher_training_method(name, cfg)
+    else:
+        method = _distillation_method('adaad' if name == 'mmard' else name, cfg)
+    if (add_inner or add_outer) and not method.needs_teacher:
+        field = 'mmard_inner' if add_inner else 'mmard_outer'
+        raise ValueError(f'config.method.{field} must be False for config.method.name={name!r}: the MMARD parts '
+                         f'need a teacher; use a method that distils from one, e.g. {DISTILLATION_BASES}.')
     if add_inner:
         method = _with_mmard_inner(method, cfg)
     if add_outer:
         method = _with_mmard_outer(method, cfg, axis_name)
     return method
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods added from user code (docs/extending.md)
+# ----------------------------------------------------------------------------------------------------------------
+_REGISTERED: dict[str, Callable[[Any], Method]] = {}
+
+
+def register_method(name: str, build: Callable[[Any], Method]) -> None:
+    """Add a method: ``config.method.name = name`` (or ``name`` in ``config.baselines``) then trains
+    ``build(config.method)``.
+
+    ``build`` reads its hyperparameters from ``config.method`` and returns a `Method`; the train step computes
+    only the views the method declares. A method with ``needs_teacher=True`` composes with ``method.mmard_inner``
+    and ``method.mmard_outer`` like the built-in distillation bases. Registering a name again replaces its builder
+    (a config file may be loaded twice); built-in names cannot be replaced. Registration lasts for the process:
+    register in the config file, or in a module it imports, so that every run and process loading it sees it.
+    """
+    global METHOD_NAMES
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f'register_method: name {name!r} must be a Python identifier (it names the run directory '
+                         'and is listed in config.baselines).')
+    if name in BUILTIN_METHOD_NAMES:
+        raise ValueError(f'register_method: {name!r} is a built-in method; choose another name.')
+    if not callable(build):
+        raise TypeError(f'register_method: build must be callable (config.method -> Method), got {build!r}.')
+    _REGISTERED[name] = build
+    METHOD_NAMES = BUILTIN_METHOD_NAMES + tuple(_REGISTERED)

@@ -61,26 +61,26 @@ class Preempted(RuntimeError):
 # Optimisation
 
 
-def learning_rate_schedule(optim_cfg, steps_per_epoch: int) -> Callable[[Any], Any]:
-    """step -> learning rate; milestones are given in epochs and switch at the first step of that epoch."""
+def learning_rate_schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
+    """step -> learning rate (optax schedules); milestones are given in epochs and switch at that epoch's first step.
+
+    Warm-up (``warmup_epochs`` = W steps): ``lr · (step + 1) / W`` until it reaches ``lr``, then the schedule, which
+    keeps counting from step 0 (a decay milestone stays where the config puts it).
+    """
     base = optim_cfg.lr
-    total = max(1, optim_cfg.epochs * steps_per_epoch)
-    boundaries = jnp.asarray([int(round(e * steps_per_epoch)) for e in optim_cfg.decay_epochs] or [total + 1])
+    if optim_cfg.schedule == "piecewise":
+        milestones = {int(round(e * steps_per_epoch)): optim_cfg.decay_factor for e in optim_cfg.decay_epochs}
+        schedule = optax.piecewise_constant_schedule(base, milestones)
+    elif optim_cfg.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(base, decay_steps=max(1, optim_cfg.epochs * steps_per_epoch))
+    else:
+        schedule = optax.constant_schedule(base)
     warmup = optim_cfg.warmup_epochs * steps_per_epoch
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        if optim_cfg.schedule == "piecewise":
-            lr = base * optim_cfg.decay_factor ** jnp.sum(step >= boundaries)
-        elif optim_cfg.schedule == "cosine":
-            lr = 0.5 * base * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total))
-        else:
-            lr = jnp.asarray(base, jnp.float32)
-        if warmup > 0:
-            lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup)
-        return lr
-
-    return schedule
+    ramp_steps = math.ceil(warmup - 1)  # the first step at which (step + 1) / W >= 1
+    if ramp_steps <= 0:
+        return schedule
+    ramp = optax.linear_schedule(base / warmup, base * (ramp_steps + 1) / warmup, transition_steps=ramp_steps)
+    return optax.join_schedules([ramp, lambda step: schedule(step + ramp_steps)], [ramp_steps])
 
 
 def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -277,7 +277,6 @@ class Job:
 @dataclasses.dataclass
 class Outcome:
     network: Network  # the final (last-step) student
-    best_pgd_accuracy: float | None
     steps: int
     epoch_records: list[dict]
 
@@ -411,8 +410,6 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
         except Exception:
             checkpoints.close()  # Orbax's background threads would otherwise keep the process from exiting
             raise
-    best_meta = checkpoints.read_meta("best")
-    best_pgd = best_meta["eval"]["pgd_acc"] if best_meta else None
     start_step = int(state.step)
     log = reporting.MetricsLog(job.workdir, tensorboard=config.log.tensorboard)
     epoch_records = log.read("epoch")
@@ -424,9 +421,10 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     if start_step:
         logger.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
 
-    def save(step: int, extra: dict | None = None, wait: bool = False):
+    def save(step: int, extra: dict | None = None, wait: bool = False, evaluation: dict | None = None):
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "step_in_epoch": in_epoch, **(extra or {})})
+        saved_meta = {**meta, "step": step, "epoch": epoch, "step_in_epoch": in_epoch, **(extra or {})}
+        checkpoints.save(step, state, saved_meta, evaluation)
         if wait:
             checkpoints.wait()
 
@@ -486,19 +484,15 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                     _record(pending, log, epoch_sums, config.log.every_steps)
                     pending = None
                 record = _epoch_record(epoch, step, epoch_sums, lr_at)
-                extra = {}
+                evaluation = None
                 last_epoch = epoch + 1 == optim.epochs
                 if eval_fn is not None and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
                     evaluation = eval_fn(Network(plain_module, {"params": state.params, "batch_stats": state.batch_stats}))
                     record.update(evaluation)
-                    extra = {"eval": evaluation}
-                    if best_pgd is None or evaluation["pgd_acc"] > best_pgd:
-                        best_pgd = evaluation["pgd_acc"]
-                        checkpoints.save_best(step, state, {**meta, "step": step, "eval": evaluation})
                 log.write("epoch", step, record)
                 epoch_records.append(record)
                 progress.write(reporting.epoch_line(job.name, record))
-                save(step, {**extra, "complete": last_epoch})
+                save(step, {"eval": evaluation, "complete": last_epoch}, evaluation=evaluation)
         checkpoints.wait()
     finally:
         profiler.close()
@@ -506,7 +500,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
         log.close()
         checkpoints.close()
     network = Network(plain_module, jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
-    return Outcome(network=network, best_pgd_accuracy=best_pgd, steps=step, epoch_records=epoch_records)
+    return Outcome(network=network, steps=step, epoch_records=epoch_records)
 
 
 def abstract_batch(dataset, batch_size: int, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

@@ -10,8 +10,10 @@ import pytest
 from jax import lax
 
 from mmard_jax import losses, methods
+from mmard_jax.config import cifar_config, student_method_config
 from mmard_jax.config import method_config as default_method_config
 from mmard_jax.methods import Views
+from test_losses import np_kl, np_log_softmax  # tests/ is on sys.path
 
 B, C = 8, 5
 COMBINATIONS = list(itertools.product(methods.DISTILLATION_BASES, (False, True), (False, True)))
@@ -188,6 +190,7 @@ def test_iad_extra_term_switches_on_at_warmup():
 
 @pytest.mark.parametrize('name, field, value', [
     ('mmard', 'name', 'madry'), ('ard', 'kl_reduction', 'none'), ('ard', 'temperature', 0.0),
+    ('iad', 'iad_temperature', 0.0), ('iad', 'iad_kl_reduction', 'avg'),
     ('adaad', 'alpha', 1.5), ('iad', 'iad_beta', -0.1), ('iad', 'iad_warmup_epochs', -1),
     ('rslad', 'rslad_adv_weight', 2.0), ('trades', 'trades_beta', float('nan')), ('mmard', 'gamma', -1.0),
     ('mmard', 'boundary', 'l2'), ('mmard', 'mi_beta', 'one'), ('mmard', 'mi_weights', (1.0, 1.0)),
@@ -225,3 +228,28 @@ def test_reference_attack_start_per_method(name, flags, expected):
     for field, value in flags.items():
         setattr(cfg, field, value)
     assert methods.build_method(cfg).attack_init == expected
+
+
+def test_iad_has_its_own_defaults_as_a_baseline_of_the_cifar10_mmard_run():
+    """IAD-I.py (github.com/ZFancy/IAD): τ = 1, KL terms summed / B; ARD keeps τ = 30 and the shared 'mean'."""
+    config = cifar_config('cifar10')
+    config.baselines = 'iad,rslad'
+    assert config.method.name == 'mmard'
+    iad = methods.build_method(student_method_config(config, 'iad'))
+    ard = methods.build_method(student_method_config(config, 'ard'))
+    iad_hyper = dict(iad.outer_loss.hyperparameters)
+    assert (iad_hyper['temperature'], iad_hyper['reduction']) == (1.0, 'batchmean')
+    assert dict(ard.outer_loss.hyperparameters) == {'alpha': 1.0, 'temperature': 30.0, 'reduction': 'mean'}
+
+    s_nat = np.array([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0], [-0.3, 0.1, 0.9], [2.0, 0.0, -2.0]])
+    s_adv, t_nat, t_adv = 0.7 * s_nat[::-1], 1.5 * s_nat + 0.2, s_nat[[1, 0, 3, 2]]
+    labels = np.array([0, 1, 2, 0])
+    views = Views(*(jnp.asarray(z, jnp.float32) for z in (s_nat, s_adv, t_nat, t_adv)))
+    b, c = s_nat.shape
+    reliability = np.exp(np_log_softmax(t_adv)[np.arange(b), labels]) ** 0.1  # w_i = p_T(x'_i)[y_i]^β
+    # IAD-I.py after --begin: KL(T(x)/τ ‖ S(x')/τ)·τ² summed / B + ((1 − w) · KL(S(x) ‖ S(x'))) summed / B, a = 1
+    expected_iad = (np_kl(t_nat, s_adv).sum() + ((1 - reliability) * np_kl(s_nat, s_adv)).sum()) / b
+    expected_ard = 30.0**2 * np_kl(t_nat, s_adv, 30.0).sum() / (b * c)
+    np.testing.assert_allclose(iad.outer_loss(views, jnp.asarray(labels), jnp.int32(60))[0], expected_iad, rtol=1e-5)
+    # float32 at τ = 30: the KL is ~1e-4 before the τ² factor
+    np.testing.assert_allclose(ard.outer_loss(views, jnp.asarray(labels), jnp.int32(0))[0], expected_ard, rtol=1e-4)

@@ -241,7 +241,7 @@ def test_teacher_is_frozen_and_not_checkpointed(digits, tmp_path):
     job = make_job(config, tmp_path, "mmard", teacher)
     outcome = train.train(job, config, digits, mesh=parallel.make_mesh())
     assert_trees_close(teacher.variables, before, rtol=0, atol=0)
-    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints", "latest"), options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True))
     state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     manager.close()
     student_signature = ckpt_lib.shape_signature(jax.device_get(outcome.network.variables["params"]))
@@ -295,6 +295,44 @@ def test_learning_rate_schedule_switches_at_epoch_boundaries():
     optim.epochs = 4
     cosine = train.learning_rate_schedule(optim, steps_per_epoch=5)
     assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(10)) == pytest.approx(0.05) and float(cosine(20)) == pytest.approx(0.0, abs=1e-9)
+
+
+def hand_written_schedule(optim, steps_per_epoch, step):
+    """The schedule as the code computed it before it used optax (the values the optax version must keep)."""
+    total = max(1, optim.epochs * steps_per_epoch)
+    milestones = [int(round(e * steps_per_epoch)) for e in optim.decay_epochs]
+    if optim.schedule == "piecewise":
+        lr = optim.lr * optim.decay_factor ** sum(step >= b for b in milestones)
+    elif optim.schedule == "cosine":
+        lr = 0.5 * optim.lr * (1.0 + np.cos(np.pi * min(step, total) / total))
+    else:
+        lr = optim.lr
+    warmup = optim.warmup_epochs * steps_per_epoch
+    return lr * min(1.0, (step + 1.0) / warmup) if warmup > 0 else lr
+
+
+@pytest.mark.parametrize(
+    "schedule, decay_epochs, warmup_epochs",
+    [("piecewise", (2, 3), 0.0), ("piecewise", (), 0.0), ("piecewise", (1.5, 3), 1.3), ("piecewise", (2,), 1.0),
+     ("cosine", (), 0.0), ("constant", (), 0.0), ("constant", (), 0.7)],
+)
+def test_optax_schedules_keep_the_hand_written_values(schedule, decay_epochs, warmup_epochs):
+    optim = tiny_config().optim
+    optim.lr, optim.epochs, optim.decay_factor = 0.1, 4, 0.2
+    optim.schedule, optim.decay_epochs, optim.warmup_epochs = schedule, decay_epochs, warmup_epochs
+    lr_at = train.learning_rate_schedule(optim, steps_per_epoch=10)
+    for step in range(45):
+        assert float(lr_at(step)) == pytest.approx(hand_written_schedule(optim, 10, step), rel=1e-6, abs=1e-8), step
+
+
+def test_cosine_after_warm_up_counts_from_step_zero():
+    """With warm-up, cosine differs from the old product only inside the warm-up (a ramp to lr, not to cos·lr)."""
+    optim = tiny_config().optim
+    optim.lr, optim.epochs, optim.schedule, optim.warmup_epochs = 0.1, 4, "cosine", 1.0
+    lr_at = train.learning_rate_schedule(optim, steps_per_epoch=10)
+    for step in range(9, 45):
+        assert float(lr_at(step)) == pytest.approx(hand_written_schedule(optim, 10, step), rel=1e-6, abs=1e-8), step
+    assert [float(lr_at(s)) for s in range(9)] == pytest.approx([0.1 * (s + 1) / 10 for s in range(9)], rel=1e-6)
 
 
 def test_optimizer_matches_pytorch_sgd_with_coupled_weight_decay():
@@ -423,7 +461,7 @@ def test_main_end_to_end_on_the_tiny_config(tmp_path):
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     assert any(name.endswith("-cache") for name in os.listdir(cache))  # compiled programs kept for the next run
-    for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints/latest"):
+    for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints"):
         assert os.path.exists(tmp_path / path), path
     assert os.listdir(tmp_path / "students" / "mmard" / "tensorboard")
     import json
@@ -439,7 +477,7 @@ def test_main_end_to_end_on_the_tiny_config(tmp_path):
 def test_sigkill_mid_run_keeps_a_good_checkpoint_and_resumes(tmp_path):
     overrides = ("--config.stages=teacher", "--config.teacher.optim.epochs=6", "--config.checkpoint.every_steps=3")
     process = run_main(tmp_path, *overrides)
-    latest = tmp_path / "teacher" / "checkpoints" / "latest"
+    latest = tmp_path / "teacher" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         steps = [d for d in os.listdir(latest) if d.isdigit()] if latest.exists() else []
