@@ -8,7 +8,7 @@
     # then distil from it
     python -m mmard_jax.main --config configs/cifar10.py --config.teacher.checkpoint=teachers/trades
 
-The output directory is a checkpoint of ours (``checkpoints/latest/0``) that records the architecture and input
+The output directory is a checkpoint of ours (``checkpoints/0``) that records the architecture and input
 normalisation, so ``--config.teacher.checkpoint=DIR`` needs no further model settings, plus ``import.json``
 (source file, its SHA-256, every key read past and why). PyTorch files are read with ``weights_only=True``;
 ``.safetensors`` files need no PyTorch. Errors print one message and exit with status 2.
