@@ -43,7 +43,7 @@ def main() -> None:
     attacks = tuple(a for a in args.attacks.split(",") if a) or None
     eps = args.eps if args.attack_eps is None else args.attack_eps
 
-    logits_fn, net, images, labels, twin_gap = twin.setup(args)
+    network, net, images, labels, twin_gap = twin.setup(args)
     ref_log = args.output.with_suffix(".reference.log")
     ref_acc, ref_adv, ref_seconds = twin.run_reference(net, images, labels, eps=eps, seed=args.seed,
                                                        batch_size=args.batch_size, log_path=ref_log,
@@ -51,7 +51,7 @@ def main() -> None:
                                                        square_queries=args.square_queries)
     overrides = {} if args.square_queries is None else {"square": {"n_queries": args.square_queries}}
     start = time.time()
-    ours = run_autoattack(logits_fn, images, labels, eps=eps, norm=args.norm, seed=args.seed,
+    ours = run_autoattack(*network, images, labels, eps=eps, norm=args.norm, seed=args.seed,
                           batch_size=args.batch_size, version="standard" if attacks is None else "custom",
                           attacks=attacks, **overrides)
     our_seconds = time.time() - start

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoattack_speed.md"))
     args = parser.parse_args()
 
-    logits_fn, net, images, labels, _ = twin.setup(args)
+    network, net, images, labels, _ = twin.setup(args)
     n = len(labels)
     ref_log = args.output.with_suffix(".reference.log")
     timings = {"reference": [], "ours": []}  # (wall s, process CPU s) per round
@@ -41,7 +41,7 @@ def main() -> None:
         timings["reference"].append((time.time() - wall, time.process_time() - cpu))
         ref_steps = [line for line in ref_log.read_text().splitlines() if "robust accuracy after" in line]
         wall, cpu = time.time(), time.process_time()
-        ours = run_autoattack(logits_fn, images, labels, eps=args.eps, seed=args.seed, batch_size=n,
+        ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n,
                               log=None)
         timings["ours"].append((time.time() - wall, time.process_time() - cpu))
     ref_log.unlink()

@@ -92,7 +92,8 @@ def train_pgd(images, labels, *, eps: float = 0.3, epochs: int = 12, batch_size:
 
 
 def trained_model(cache: Path | None, images, labels, **train_kwargs):
-    """Train (or load from the .npz cache) the PGD-trained SmallCNN; returns (logits_fn, params)."""
+    """Train (or load from the .npz cache) the PGD-trained SmallCNN; returns (apply_fn, variables), as the attacks
+    take a network."""
     model = SmallCNN()
     if cache is not None and cache.exists():
         flat = dict(np.load(cache))
@@ -105,7 +106,7 @@ def trained_model(cache: Path | None, images, labels, **train_kwargs):
             cache.parent.mkdir(parents=True, exist_ok=True)
             leaves = jax.tree_util.tree_leaves_with_path(params)
             np.savez(cache, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
-    return functools.partial(model.apply, {"params": params}), params
+    return model.apply, {"params": params}
 
 
 def torch_twin(params):
@@ -182,7 +183,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup(args):
-    """Load data, put the reference on sys.path, get the trained model and its torch twin."""
+    """Load data, put the reference on sys.path, get the trained model (apply_fn, variables) and its torch twin."""
     reference = args.reference_path.resolve()
     if not (reference / "autoattack" / "autoattack.py").exists():
         raise FileNotFoundError(f"--reference-path {reference} holds no autoattack/autoattack.py: "
@@ -192,14 +193,14 @@ def setup(args):
         import torch
         torch.set_num_threads(args.torch_threads)
     images, labels = load_mnist5k()
-    logits_fn, params = trained_model(args.model_cache, images[:N_TRAIN], labels[:N_TRAIN],
-                                      eps=args.eps, epochs=args.epochs, seed=args.seed)
-    net = torch_twin(params)
+    apply_fn, variables = trained_model(args.model_cache, images[:N_TRAIN], labels[:N_TRAIN],
+                                        eps=args.eps, epochs=args.epochs, seed=args.seed)
+    net = torch_twin(variables["params"])
     test_x, test_y = images[N_TRAIN:N_TRAIN + args.n_examples], labels[N_TRAIN:N_TRAIN + args.n_examples]
     import torch
     with torch.no_grad():
-        twin_gap = float(np.abs(net(to_torch(test_x)).numpy() - np.asarray(jax.jit(logits_fn)(test_x))).max())
-    return logits_fn, net, test_x, test_y, twin_gap
+        twin_gap = float(np.abs(net(to_torch(test_x)).numpy() - np.asarray(jax.jit(apply_fn)(variables, test_x))).max())
+    return (apply_fn, variables), net, test_x, test_y, twin_gap
 
 
 def machine_description() -> str:

@@ -1,20 +1,23 @@
-"""Default configuration tree and its validation.
+"""Default configuration tree, its validation and the run plan.
 
 `configs/*.py` start from :func:`base_config` and override what their setup changes; every field carries a
-comment naming its source. :func:`validate` turns a bad value into a ``ValueError`` that names the field.
+comment naming its source. :func:`validate` turns a bad value into a ``ValueError`` that names the field and returns
+the :class:`RunPlan` that ``main`` and ``train`` consume: the jobs, each with its method built once.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import Any
 
 import ml_collections
 
+from mmard_jax.attacks.common import INITS, NORMS
 from mmard_jax.data.sources import CIFAR_ARCHIVES
 from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
 
-PGD_INITS = ("method", "none", "normal", "uniform")
-NORMS = ("linf", "l2")
+PGD_INITS = ("method", *INITS)  # 'method': the method's reference start
 SCHEDULES = ("piecewise", "cosine", "constant")
 STAGES = ("teacher", "distill", "eval")
 TEACHER_FREE_METHODS = ("pgd_at", "trades")
@@ -310,16 +313,6 @@ def _check_model(prefix: str, model) -> None:
         _fail(f"{prefix}.std", f"{tuple(model.std)} must be > 0")
 
 
-def _check_method(prefix: str, method) -> None:
-    """Builds the method once: the registry names the bad field; we point it at this section of the config."""
-    from mmard_jax.methods import build_method
-
-    try:
-        build_method(method)
-    except ValueError as e:
-        raise ValueError(str(e).replace("config.method.", f"config.{prefix}.")) from None
-
-
 def _check_reach(field: str, steps: int, step_size: float, eps: float) -> None:
     """An L∞ PGD whose steps cannot reach the ε-ball's edge understates robustness."""
     if steps > 0 and steps * step_size < eps * (1 - 1e-9):
@@ -337,8 +330,43 @@ def student_method_config(config, name: str):
     return method
 
 
-def validate(config, device_count: int = 1) -> None:
-    """Raises ValueError naming the first bad field; returns None for a usable config."""
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """One training run: what it trains (model), how (method, attack, optimiser) and where (run_dir, below WORKDIR)."""
+
+    name: str  # 'teacher' or the method name; also the log prefix
+    run_dir: str  # 'teacher' or 'students/<method>'
+    model: Any  # the model section
+    method_cfg: Any  # the method section (recorded in checkpoints)
+    method: Any  # the `methods.Method` built from method_cfg, losses over the data-parallel axis
+    attack: Any
+    optim: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a validated config runs: the stages, the teacher's training job and one job per student method."""
+
+    stages: tuple[str, ...]
+    teacher: JobPlan
+    students: tuple[JobPlan, ...]
+
+    @property
+    def distillation_needs_teacher(self) -> bool:
+        return "distill" in self.stages and any(job.method.needs_teacher for job in self.students)
+
+
+def job_plan(name: str, run_dir: str, model, method_cfg, attack, optim, method_path: str = "config.method") -> JobPlan:
+    """A job with its method built (ValueError naming the bad field of the method section at ``method_path``)."""
+    from mmard_jax.methods import build_method
+    from mmard_jax.parallel import DATA_AXIS
+
+    method = build_method(method_cfg, axis_name=DATA_AXIS, path=method_path)
+    return JobPlan(name, run_dir, model, method_cfg, method, attack, optim)
+
+
+def validate(config, device_count: int = 1) -> RunPlan:
+    """Raises ValueError naming the first bad field; returns the run plan of a usable config."""
     run_stages = stages(config)
     _check_choice("dtype", config.dtype, DTYPES)
     from mmard_jax.reporting import parse_profile_steps
@@ -356,18 +384,22 @@ def validate(config, device_count: int = 1) -> None:
         _fail("data.crop_padding", f"{config.data.crop_padding} must be >= 0")
     _check_model("student.model", config.student.model)
     _check_model("teacher.model", config.teacher.model)
-    _check_method("teacher.method", config.teacher.method)
-    if config.teacher.method.name not in TEACHER_FREE_METHODS:
-        _fail("teacher.method.name", f"{config.teacher.method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
-    _check_attack("teacher.attack", config.teacher.attack)
-    _check_optim("teacher.optim", config.teacher.optim, device_count)
-    _check_method("method", config.method)
-    from mmard_jax.methods import METHOD_NAMES
+    teacher = config.teacher
+    teacher_job = job_plan("teacher", "teacher", teacher.model, teacher.method, teacher.attack, teacher.optim,
+                           "config.teacher.method")
+    if teacher.method.name not in TEACHER_FREE_METHODS:
+        _fail("teacher.method.name", f"{teacher.method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
+    _check_attack("teacher.attack", teacher.attack)
+    _check_optim("teacher.optim", teacher.optim, device_count)
+    from mmard_jax import methods
 
+    students = []
     for name in student_methods(config):
-        if name not in METHOD_NAMES:
-            _fail("baselines", f"unknown method {name!r}; valid methods: {', '.join(METHOD_NAMES)}")
-        _check_method("method", student_method_config(config, name))
+        if name not in methods.METHOD_NAMES:
+            field = "method.name" if name == config.method.name else "baselines"
+            _fail(field, f"unknown method {name!r}; valid methods: {', '.join(methods.METHOD_NAMES)}")
+        students.append(job_plan(name, f"students/{name}", config.student.model, student_method_config(config, name),
+                                 config.attack, config.optim))
     _check_attack("attack", config.attack)
     _check_optim("optim", config.optim, device_count)
     if not 0.0 <= config.eval.eps <= 1.0:
@@ -391,3 +423,4 @@ def validate(config, device_count: int = 1) -> None:
         _fail("checkpoint.every_steps", f"{config.checkpoint.every_steps} must be >= 1")
     if "distill" in run_stages and not config.teacher.model.name:
         _fail("teacher.model.name", "distillation needs a teacher model")
+    return RunPlan(run_stages, teacher_job, tuple(students))

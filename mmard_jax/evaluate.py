@@ -17,88 +17,55 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmard_jax import parallel, reporting
-from mmard_jax.attacks.pgd import ce_attack, cw_linf, fgsm
+from mmard_jax.attacks.common import check_choice, predicted_correctly
+from mmard_jax.attacks.pgd import PGDSpec, ce_attack, cw_linf
 from mmard_jax.data import augment, pipeline
-from mmard_jax.losses import cross_entropy
 from mmard_jax.networks import Network, inference_logits
+
+LOSSES = ("ce", "cw")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    """One evaluation attack (hashable: a static argument of the jitted evaluation)."""
+    """One evaluation attack (hashable: a static argument of the jitted evaluation): PGD on a loss, or none."""
 
-    name: str  # a key of ATTACKS
-    eps: float = 0.0
-    step_size: float = 0.0
-    steps: int = 0
+    name: str  # the result's key: 'clean', 'fgsm', 'pgd' or 'cw'
+    pgd: PGDSpec | None = None  # None: the clean input
+    loss: str = "ce"  # one of LOSSES: cross-entropy, or the CW margin loss with kappa
     kappa: float = 50.0
-    unroll: int = 1
+
+    def __post_init__(self):
+        check_choice("loss", self.loss, LOSSES)
 
 
-def _clean(spec, logits_fn, x, y, key):
-    return x
-
-
-def _fgsm(spec, logits_fn, x, y, key):
-    return fgsm(lambda u: cross_entropy(logits_fn(u), y), x, key, eps=spec.eps)
-
-
-def _pgd(spec, logits_fn, x, y, key):
-    return ce_attack(
-        logits_fn, x, y, key, eps=spec.eps, step_size=spec.step_size, steps=spec.steps, init="uniform", unroll=spec.unroll
-    )
-
-
-def _cw(spec, logits_fn, x, y, key):
-    return cw_linf(
-        logits_fn,
-        x,
-        y,
-        key,
-        eps=spec.eps,
-        step_size=spec.step_size,
-        steps=spec.steps,
-        kappa=spec.kappa,
-        init="uniform",
-        unroll=spec.unroll,
-    )
-
-
-ATTACKS: dict[str, Callable] = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "cw": _cw}
+def adversarial(spec: AttackSpec, logits_fn: Callable, x, y, key):
+    """The attacked batch: ``x`` itself for the clean spec, else PGD on the spec's loss."""
+    if spec.pgd is None:
+        return x
+    if spec.loss == "cw":
+        return cw_linf(logits_fn, x, y, key, kappa=spec.kappa, **spec.pgd.kwargs)
+    return ce_attack(logits_fn, x, y, key, **spec.pgd.kwargs)
 
 
 def final_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     """The final suite of docs/method.md §4 as configured: clean, FGSM, PGD-k and CW∞ (AutoAttack runs separately)."""
+    eps, unroll = eval_cfg.eps, eval_cfg.unroll
     specs = [AttackSpec("clean")]
     if eval_cfg.fgsm:
-        specs.append(AttackSpec("fgsm", eps=eval_cfg.eps, step_size=eval_cfg.eps, steps=1))
+        specs.append(AttackSpec("fgsm", PGDSpec(eps, step_size=eps, steps=1, init="none")))
     if eval_cfg.pgd_steps > 0:
-        specs.append(
-            AttackSpec("pgd", eps=eval_cfg.eps, step_size=eval_cfg.pgd_step_size, steps=eval_cfg.pgd_steps, unroll=eval_cfg.unroll)
-        )
+        specs.append(AttackSpec("pgd", PGDSpec(eps, eval_cfg.pgd_step_size, eval_cfg.pgd_steps, unroll=unroll)))
     if eval_cfg.cw_steps > 0:
-        specs.append(
-            AttackSpec(
-                "cw",
-                eps=eval_cfg.eps,
-                step_size=eval_cfg.cw_step_size,
-                steps=eval_cfg.cw_steps,
-                kappa=eval_cfg.cw_kappa,
-                unroll=eval_cfg.unroll,
-            )
-        )
+        cw = PGDSpec(eps, eval_cfg.cw_step_size, eval_cfg.cw_steps, unroll=unroll)
+        specs.append(AttackSpec("cw", cw, loss="cw", kappa=eval_cfg.cw_kappa))
     return tuple(specs)
 
 
 def periodic_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     """The cheap evaluation run during training to pick the best checkpoint: clean and PGD."""
     steps = eval_cfg.periodic_pgd_steps
-    return (
-        AttackSpec("clean"),
-        AttackSpec(
-            "pgd", eps=eval_cfg.eps, step_size=eval_cfg.periodic_pgd_step_size, steps=steps, unroll=min(eval_cfg.unroll, steps)
-        ),
-    )
+    pgd = PGDSpec(eval_cfg.eps, eval_cfg.periodic_pgd_step_size, steps, unroll=min(eval_cfg.unroll, steps))
+    return AttackSpec("clean"), AttackSpec("pgd", pgd)
 
 
 def attack_key(seed: int, attack_name: str):
@@ -111,9 +78,8 @@ def correct_count(module: nn.Module, spec: AttackSpec, variables, images_uint8, 
     """How many real (mask=True) examples the model still classifies correctly under the attack."""
     logits_fn = functools.partial(inference_logits, module, variables)
     x = augment.to_float(images_uint8)
-    x_adv = ATTACKS[spec.name](spec, logits_fn, x, labels, key)
-    predictions = jnp.argmax(logits_fn(x_adv), axis=-1)
-    return jnp.sum((predictions == labels) & mask)
+    x_adv = adversarial(spec, logits_fn, x, labels, key)
+    return jnp.sum(predicted_correctly(logits_fn(x_adv), labels) & mask)
 
 
 _COMPILED_COUNTS: dict = {}

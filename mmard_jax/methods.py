@@ -77,24 +77,38 @@ class Method:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and validating config.method fields
 # ----------------------------------------------------------------------------------------------------------------
-def _field(cfg: Any, field: str) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A method section and where it sits in the config (``config.method``, ``config.teacher.method``), so that an
+    error names the field the user must fix. Attribute access reads the section's fields."""
+
+    cfg: Any
+    path: str = 'config.method'
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ('cfg', 'path'):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.cfg, name)
+
+
+def _field(cfg: Section, field: str) -> Any:
     try:
-        return getattr(cfg, field)
+        return getattr(cfg.cfg, field)
     except (AttributeError, KeyError):
-        raise ValueError(f'config.method.{field} is missing; set it (defaults: config.method_config).') from None
+        raise ValueError(f'{cfg.path}.{field} is missing; set it (defaults: mmard_jax.config.method_config).') from None
 
 
 def _choice(cfg: Any, field: str, options: tuple[str, ...]) -> str:
     value = _field(cfg, field)
     if value not in options:
-        raise ValueError(f'config.method.{field}={value!r} is not supported; use one of {options}.')
+        raise ValueError(f'{cfg.path}.{field}={value!r} is not supported; use one of {options}.')
     return value
 
 
 def _flag(cfg: Any, field: str) -> bool:
     value = _field(cfg, field)
     if not isinstance(value, bool):
-        raise ValueError(f'config.method.{field}={value!r} must be True or False.')
+        raise ValueError(f'{cfg.path}.{field}={value!r} must be True or False.')
     return value
 
 
@@ -104,18 +118,18 @@ def _real(cfg: Any, field: str, *, low: float = 0.0, high: float = math.inf, low
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f'config.method.{field}={value!r} must be a number.') from None
+        raise ValueError(f'{cfg.path}.{field}={value!r} must be a number.') from None
     too_low = number <= low if low_open else number < low
     if not math.isfinite(number) or too_low or number > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f'config.method.{field}={value!r} must be a finite number in {interval}.')
+        raise ValueError(f'{cfg.path}.{field}={value!r} must be a finite number in {interval}.')
     return number
 
 
 def _count(cfg: Any, field: str) -> int:
     value = _field(cfg, field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f'config.method.{field}={value!r} must be a non-negative int.')
+        raise ValueError(f'{cfg.path}.{field}={value!r} must be a non-negative int.')
     return value
 
 
@@ -126,27 +140,23 @@ def _edge_weights(cfg: Any) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         weights = ()
     if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f'config.method.mi_weights={value!r} must be 3 non-negative numbers (w_ab, w_at, w_bt).')
+        raise ValueError(f'{cfg.path}.mi_weights={value!r} must be 3 non-negative numbers (w_ab, w_at, w_bt).')
     return weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------------------------------------------
-def _views(*names: str) -> frozenset[str]:
-    return frozenset(names)
-
-
 def _teacher_training_method(name: str, cfg: Any) -> Method:
     """PGD-AT or TRADES; TRADES' inner reads student_nat as a constant computed before the loop (inference mode)."""
     if name == 'pgd_at':
-        inner, outer, inner_views = losses.ce_inner, losses.pgd_at_outer, _views('student_adv')
-        outer_views = _views('student_adv')
+        inner, outer, inner_views = losses.ce_inner, losses.pgd_at_outer, frozenset({'student_adv'})
+        outer_views = frozenset({'student_adv'})
     else:
-        inner, inner_views = losses.trades_inner, _views('student_nat', 'student_adv')
+        inner, inner_views = losses.trades_inner, frozenset({'student_nat', 'student_adv'})
         outer = bind(losses.trades_outer, beta=_real(cfg, 'trades_beta'),
                      reduction=_choice(cfg, 'kl_reduction', KL_REDUCTIONS))
-        outer_views = _views('student_nat', 'student_adv')
+        outer_views = frozenset({'student_nat', 'student_adv'})
     return Method(name=name, inner_loss=inner, outer_loss=outer, inner_views=inner_views, outer_views=outer_views,
                   attack_student_train_mode=False, needs_teacher=False,
                   attack_init='uniform' if name == 'pgd_at' else 'normal')
@@ -166,21 +176,21 @@ def _ard_or_iad_outer(base: str, cfg: Any) -> BoundLoss:
 def _distillation_method(base: str, cfg: Any) -> Method:
     """One of the distillation baselines, exactly as in docs/method.md §2."""
     if base in ('ard', 'iad'):
-        outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
+        outer_views = frozenset({'student_nat', 'student_adv', 'teacher_nat'})
         if base == 'iad':
-            outer_views |= _views('teacher_adv')  # w_i = p_T(x'_i)[y_i]^β
+            outer_views |= frozenset({'teacher_adv'})  # w_i = p_T(x'_i)[y_i]^β
         return Method(name=base, inner_loss=losses.ce_inner, outer_loss=_ard_or_iad_outer(base, cfg),
-                      inner_views=_views('student_adv'), outer_views=outer_views, attack_student_train_mode=True,
+                      inner_views=frozenset({'student_adv'}), outer_views=outer_views, attack_student_train_mode=True,
                       needs_teacher=True, attack_init='uniform')
     reduction = _choice(cfg, 'kl_reduction', KL_REDUCTIONS)
     if base == 'rslad':
-        inner, inner_views = losses.rslad_inner, _views('student_adv', 'teacher_nat')
+        inner, inner_views = losses.rslad_inner, frozenset({'student_adv', 'teacher_nat'})
         outer = bind(losses.rslad_outer, adv_weight=_real(cfg, 'rslad_adv_weight', high=1.0), reduction=reduction)
-        outer_views = _views('student_nat', 'student_adv', 'teacher_nat')
+        outer_views = frozenset({'student_nat', 'student_adv', 'teacher_nat'})
     else:
-        inner, inner_views = losses.adaad_inner, _views('student_adv', 'teacher_adv')
+        inner, inner_views = losses.adaad_inner, frozenset({'student_adv', 'teacher_adv'})
         outer = bind(losses.adaad_outer, alpha=_real(cfg, 'alpha', high=1.0), reduction=reduction)
-        outer_views = _views('student_nat', 'student_adv', 'teacher_nat', 'teacher_adv')
+        outer_views = frozenset({'student_nat', 'student_adv', 'teacher_nat', 'teacher_adv'})
     return Method(name=base, inner_loss=inner, outer_loss=outer, inner_views=inner_views, outer_views=outer_views,
                   attack_student_train_mode=False, needs_teacher=True)
 
@@ -188,7 +198,7 @@ def _distillation_method(base: str, cfg: Any) -> Method:
 def _with_mmard_inner(method: Method, cfg: Any) -> Method:
     """Replace the inner loss by MMARD's teacher-guided boundary alignment (docs/method.md §3.1)."""
     boundary = _choice(cfg, 'boundary', losses.BOUNDARY_TERMS)
-    inner_views = _views('student_adv', 'teacher_adv') | (_views('teacher_nat') if boundary == 'kl' else _views())
+    inner_views = frozenset({'student_adv', 'teacher_adv'}) | (frozenset({'teacher_nat'}) if boundary == 'kl' else frozenset())
     return dataclasses.replace(
         method, name=f'{method.name}+mmard_inner',
         inner_loss=bind(losses.mmard_inner, gamma=_real(cfg, 'gamma'), boundary=boundary),
@@ -203,7 +213,7 @@ def _with_mmard_outer(method: Method, cfg: Any, axis_name: str | None) -> Method
                  mask_same_class=_flag(cfg, 'mask_same_class'), teacher_vertex=teacher_vertex, axis_name=axis_name)
     teacher_view = 'teacher_adv' if teacher_vertex == 'adversarial' else 'teacher_nat'
     return dataclasses.replace(method, name=f'{method.name}+mmard_outer', outer_loss=outer,
-                               outer_views=method.outer_views | _views('student_nat', 'student_adv', teacher_view))
+                               outer_views=method.outer_views | frozenset({'student_nat', 'student_adv', teacher_view}))
 
 
 def _registered_method(name: str, cfg: Any) -> Method:
@@ -219,16 +229,17 @@ def _registered_method(name: str, cfg: Any) -> Method:
     return method
 
 
-def build_method(cfg: Any, *, axis_name: str | None = None) -> Method:
-    """Build the `Method` described by ``config.method`` (any object with attribute access).
+def build_method(cfg: Any, *, axis_name: str | None = None, path: str = 'config.method') -> Method:
+    """Build the `Method` described by a method section (any object with attribute access) found at ``path``.
 
     Only the fields the chosen method uses are read; a missing or invalid one raises ValueError naming
-    ``config.method.<field>``. ``axis_name``: the data-parallel axis when the losses run per device inside
+    ``<path>.<field>``. ``axis_name``: the data-parallel axis when the losses run per device inside
     ``shard_map``/``pmap``; the MMARD triangle then takes its InfoNCE over the global batch (all-gather), so
     its per-device value is this device's share and the mean over devices is the single-device loss.
     Mean-reduced terms ('mean', 'batchmean', means over examples) need nothing: the step's ``pmean`` makes them
     global; a 'sum' reduction becomes the global sum divided by the device count.
     """
+    cfg = cfg if isinstance(cfg, Section) else Section(cfg, path)
     name = _choice(cfg, 'name', METHOD_NAMES)
     add_inner = name == 'mmard' or _flag(cfg, 'mmard_inner')
     add_outer = name == 'mmard' or _flag(cfg, 'mmard_outer')
@@ -240,7 +251,7 @@ def build_method(cfg: Any, *, axis_name: str | None = None) -> Method:
         method = _distillation_method('adaad' if name == 'mmard' else name, cfg)
     if (add_inner or add_outer) and not method.needs_teacher:
         field = 'mmard_inner' if add_inner else 'mmard_outer'
-        raise ValueError(f'config.method.{field} must be False for config.method.name={name!r}: the MMARD parts '
+        raise ValueError(f'{cfg.path}.{field} must be False for {cfg.path}.name={name!r}: the MMARD parts '
                          f'need a teacher; use a method that distils from one, e.g. {DISTILLATION_BASES}.')
     if add_inner:
         method = _with_mmard_inner(method, cfg)

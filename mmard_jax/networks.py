@@ -50,6 +50,16 @@ def inference_logits(module: nn.Module, variables, x):
     return module.apply(variables, x, train=False)
 
 
+@functools.cache
+def inference_apply(module: nn.Module):
+    """``(variables, x) -> logits`` of ``module`` in inference mode, the same object for equal modules.
+
+    A static jit argument (e.g. of `run_autoattack`) that compiles once per architecture: a fresh
+    ``functools.partial`` compares by identity, so each network built anew would compile its own programs.
+    """
+    return functools.partial(inference_logits, module)
+
+
 def logits_function(network: Network):
     """x -> logits for a frozen network in inference mode (what attacks and evaluation call)."""
     return functools.partial(inference_logits, network.module, network.variables)

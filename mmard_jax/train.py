@@ -29,9 +29,10 @@ from jax.sharding import PartitionSpec as P
 
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import parallel, reporting, storage
-from mmard_jax.attacks.pgd import pgd, random_start
+from mmard_jax.attacks import PGDSpec, example_keys, per_example_start, pgd
 from mmard_jax.data import augment, pipeline
-from mmard_jax.methods import Method, Views, build_method
+from mmard_jax.config import JobPlan
+from mmard_jax.methods import Method, Views
 from mmard_jax.networks import Network, abstract_variables, build_module, inference_logits, init_variables
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to resume
@@ -123,13 +124,7 @@ class StepSpec:
     method: Method
     tx: optax.GradientTransformation
     steps_per_epoch: int
-    eps: float
-    step_size: float
-    attack_steps: int
-    init: str
-    init_scale: float
-    norm: str
-    unroll: int
+    attack: PGDSpec  # the inner maximisation (its init: the start drawn per example before the loop)
     crop_padding: int
     flip: bool
     axis_name: str = parallel.DATA_AXIS
@@ -144,27 +139,9 @@ def student_forward(module: nn.Module, params, batch_stats, x, train: bool):
     return logits, updates.get("batch_stats", batch_stats)
 
 
-def example_keys(key, num_local: int, axis_name: str):
-    """One key per example, from its index in the global batch (so results do not depend on the device count)."""
-    offset = lax.axis_index(axis_name) * num_local
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(num_local))
-
-
 def augment_images(spec: StepSpec, keys, images_uint8):
-    x = augment.to_float(images_uint8)
-    if spec.crop_padding == 0 and not spec.flip:
-        return x
-    return jax.vmap(functools.partial(augment.augment_image, crop_padding=spec.crop_padding, flip=spec.flip))(keys, x)
-
-
-def starting_points(spec: StepSpec, keys, x):
-    """The attack's random start, drawn per example (device-count independent)."""
-    start = functools.partial(random_start, eps=spec.eps, init=spec.init, init_scale=spec.init_scale, norm=spec.norm)
-    return jax.vmap(lambda k, xi: start(k, xi[None])[0])(keys, x)
-
-
-def _teacher_logits(spec: StepSpec, teacher_vars, x):
-    return inference_logits(spec.teacher, teacher_vars, x)
+    """Float images in [0, 1], each cropped and flipped with its own key."""
+    return augment.augment_batch(keys, augment.to_float(images_uint8), crop_padding=spec.crop_padding, flip=spec.flip)
 
 
 def adversarial_examples(spec: StepSpec, state: TrainState, teacher_vars, x, labels, keys, teacher_nat):
@@ -180,22 +157,12 @@ def adversarial_examples(spec: StepSpec, state: TrainState, teacher_vars, x, lab
             train_mode = spec.method.attack_student_train_mode
             student_adv = student_forward(spec.student, state.params, state.batch_stats, x_adv, train_mode)[0]
         if "teacher_adv" in needs:
-            teacher_adv = _teacher_logits(spec, teacher_vars, x_adv)
+            teacher_adv = inference_logits(spec.teacher, teacher_vars, x_adv)
         views = Views(student_nat=student_nat, student_adv=student_adv, teacher_nat=teacher_nat, teacher_adv=teacher_adv)
         return spec.method.inner_loss(views, labels)
 
-    return pgd(
-        inner,
-        x,
-        None,
-        eps=spec.eps,
-        step_size=spec.step_size,
-        steps=spec.attack_steps,
-        init="none",
-        norm=spec.norm,
-        unroll=spec.unroll,
-        x_init=starting_points(spec, keys, x),
-    )
+    x_init = per_example_start(keys, x, **spec.attack.start)  # device-count independent
+    return pgd(inner, x, None, **dataclasses.replace(spec.attack, init="none").kwargs, x_init=x_init)
 
 
 def _accuracy(logits, labels):
@@ -215,7 +182,7 @@ def outer_objective(params, spec: StepSpec, batch_stats, teacher_vars, x, x_adv,
         student_nat, stats = student_forward(spec.student, params, stats, x, True)
         metrics["accuracy_nat"] = _accuracy(student_nat, labels)
     if "teacher_adv" in needs:
-        teacher_adv = lax.stop_gradient(_teacher_logits(spec, teacher_vars, x_adv))
+        teacher_adv = lax.stop_gradient(inference_logits(spec.teacher, teacher_vars, x_adv))
     views = Views(student_nat=student_nat, student_adv=student_adv, teacher_nat=teacher_nat, teacher_adv=teacher_adv)
     loss, terms = spec.method.outer_loss(views, labels, epoch)
     return loss, ({**terms, **metrics}, stats)
@@ -223,12 +190,14 @@ def outer_objective(params, spec: StepSpec, batch_stats, teacher_vars, x, x_adv,
 
 def train_step_body(spec: StepSpec, state: TrainState, teacher_vars, images, labels):
     """One optimizer step on this device's slice of the global batch (to be mapped over the 'data' axis)."""
-    keys = example_keys(jax.random.fold_in(state.key, state.step), images.shape[0], spec.axis_name)
+    num_local = images.shape[0]
+    global_index = lax.axis_index(spec.axis_name) * num_local + jnp.arange(num_local)  # results independent of devices
+    keys = example_keys(jax.random.fold_in(state.key, state.step), global_index)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     x = augment_images(spec, keys[:, 0], images)
     epoch = state.step // spec.steps_per_epoch
     needs_teacher_nat = "teacher_nat" in spec.method.inner_views | spec.method.outer_views
-    teacher_nat = lax.stop_gradient(_teacher_logits(spec, teacher_vars, x)) if needs_teacher_nat else None
+    teacher_nat = lax.stop_gradient(inference_logits(spec.teacher, teacher_vars, x)) if needs_teacher_nat else None
     x_adv = adversarial_examples(spec, state, teacher_vars, x, labels, keys[:, 1], teacher_nat)
 
     grad_fn = jax.value_and_grad(outer_objective, has_aux=True)
@@ -263,15 +232,15 @@ def make_train_step(spec: StepSpec, mesh):
 
 @dataclasses.dataclass
 class Job:
-    """One training run: a model trained by a method (teacher-free or distilled from ``teacher``)."""
+    """One job of the run plan, placed: the directory it writes to and the teacher it distils from."""
 
-    name: str  # 'teacher' or the method name; also the log prefix
+    plan: JobPlan
     workdir: str | os.PathLike  # run directory (local or gs://...): checkpoints, metrics.jsonl, TensorBoard events
-    model_cfg: Any
-    method_cfg: Any
-    attack_cfg: Any
-    optim_cfg: Any
     teacher: Network | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
 
 
 @dataclasses.dataclass
@@ -320,24 +289,26 @@ class PreemptionGuard:
 
 def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepSpec:
     """The step of ``job``; batch-level loss terms (InfoNCE) see the global batch through the 'data' axis."""
-    method = build_method(job.method_cfg, axis_name=parallel.DATA_AXIS)
+    method = job.plan.method
     axis = parallel.DATA_AXIS if config.parallel.sync_batch_stats else None
-    student = build_module(job.model_cfg, num_classes, dtype=config.dtype, bn_axis_name=axis)
+    student = build_module(job.plan.model, num_classes, dtype=config.dtype, bn_axis_name=axis)
     teacher = job.teacher.module if job.teacher is not None else None
-    attack = job.attack_cfg
+    attack = job.plan.attack
     return StepSpec(
         student=student,
         teacher=teacher,
         method=method,
-        tx=make_optimizer(job.optim_cfg, steps_per_epoch),
+        tx=make_optimizer(job.plan.optim, steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
-        eps=attack.eps,
-        step_size=attack.step_size,
-        attack_steps=attack.steps,
-        init=method.attack_init if attack.init == "method" else attack.init,
-        init_scale=attack.init_scale,
-        norm=attack.norm,
-        unroll=attack.unroll,
+        attack=PGDSpec(
+            eps=attack.eps,
+            step_size=attack.step_size,
+            steps=attack.steps,
+            init=method.attack_init if attack.init == "method" else attack.init,
+            init_scale=attack.init_scale,
+            norm=attack.norm,
+            unroll=attack.unroll,
+        ),
         crop_padding=config.data.crop_padding,
         flip=config.data.flip,
     )
@@ -347,9 +318,9 @@ def run_metadata(job: Job, config, num_train: int, signature: dict) -> dict:
     """What a checkpoint records besides the state: enough to refuse an incompatible resume."""
     return {
         "job": job.name,
-        "model": json.loads(job.model_cfg.to_json()),
-        "method": json.loads(job.method_cfg.to_json()),
-        "batch_size": job.optim_cfg.batch_size,
+        "model": json.loads(job.plan.model.to_json()),
+        "method": json.loads(job.plan.method_cfg.to_json()),
+        "batch_size": job.plan.optim.batch_size,
         "num_train_examples": num_train,
         "seed": config.seed,
         "signature": signature,
@@ -380,7 +351,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     ``eval_fn(network) -> {'clean_acc': ..., 'pgd_acc': ...}`` runs at the configured epochs; the save with the
     highest 'pgd_acc' is kept in ``best/``.
     """
-    optim = job.optim_cfg
+    optim = job.plan.optim
     num_train = dataset.train.num_examples
     try:
         steps_per_epoch = pipeline.steps_per_epoch(num_train, optim.batch_size)
@@ -390,7 +361,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     spec = step_spec(job, config, dataset.num_classes, steps_per_epoch)
     step_fn = make_train_step(spec, mesh)
 
-    plain_module = build_module(job.model_cfg, dataset.num_classes, dtype=config.dtype)
+    plain_module = build_module(job.plan.model, dataset.num_classes, dtype=config.dtype)
     signature = ckpt_lib.shape_signature(abstract_variables(plain_module, dataset.image_shape))
     meta = run_metadata(job, config, num_train, signature)
     root_key = jax.random.PRNGKey(config.seed)

@@ -1,10 +1,12 @@
 """Tests of the JAX AutoAttack: losses, schedules, projections, the four attacks and the runner.
 
 A tiny MLP is trained for about a second on sklearn's bundled 8x8 digits; attacks run with reduced
-iteration counts passed as parameters.
+iteration counts passed as parameters. A model is a pair (apply_fn, variables), as the attacks take it.
 """
+import contextlib
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +15,14 @@ import pytest
 from scipy.optimize import linprog
 from sklearn.datasets import load_digits
 
+from mmard_jax import networks
 from mmard_jax.attacks.autoattack import (
-    apgd, apgd_checkpoints, apgd_targeted, dlr_loss, fab_targeted, margin_loss,
-    project_hyperplane_l2, project_hyperplane_linf, run_autoattack, square_attack, square_sizes,
-    targeted_dlr_loss, verify_adversarial)
+    apgd, apgd_checkpoints, apgd_targeted, dlr_loss, fab_targeted, project_hyperplane_l2,
+    project_hyperplane_linf, run_autoattack, square_attack, square_sizes, targeted_dlr_loss,
+    verify_adversarial)
 from mmard_jax.attacks.autoattack import runner as runner_module
 from mmard_jax.attacks.autoattack import square as square_module
+from mmard_jax.losses import margin
 
 EPS = 0.1
 DEVICE_LOOP = dict(loop="device")  # for an MLP the rolled lax loops beat one dispatch per iteration
@@ -30,23 +34,35 @@ N_EVAL = 48
 BATCH = 32  # every runner test uses it, so each attack compiles for 32 and 16 rows only
 
 
+MLP_SHAPES = dict(w1=(64, 64), b1=(64,), w2=(64, 10), b2=(10,))
+
+
 def _mlp(params, x):
     hidden = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])
     return hidden @ params["w2"] + params["b2"]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    data = load_digits()
-    images = (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-    return images, data.target.astype(np.int32)
+def _masked_mlp(params, x):
+    """The MLP with its input gradients hidden (stop_gradient): gradient attacks see a flat loss."""
+    return _mlp(params, jax.lax.stop_gradient(x))
 
 
-@pytest.fixture(scope="module")
-def model(digits):
-    """logits_fn of an MLP trained on 1,500 digits (about 97% test accuracy)."""
-    images, labels = digits
-    k1, k2 = jax.random.split(jax.random.key(0))
+def _logits(model, x):
+    apply_fn, variables = model
+    return apply_fn(variables, jnp.asarray(x))
+
+
+class FlaxMLP(nn.Module):
+    """`_mlp` as a Flax module with a train flag, like the project's networks (networks.inference_apply)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return _mlp({name: self.param(name, nn.initializers.zeros, shape) for name, shape in MLP_SHAPES.items()}, x)
+
+
+def _train_mlp(images, labels, seed):
+    """MLP parameters trained with Adam on the first 1,500 digits."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
     params = dict(w1=jax.random.normal(k1, (64, 64)) * 0.125, b1=jnp.zeros(64),
                   w2=jax.random.normal(k2, (64, 10)) * 0.125, b2=jnp.zeros(10))
     optimizer = optax.adam(1e-2)
@@ -63,7 +79,20 @@ def model(digits):
     opt_state = optimizer.init(params)
     for _ in range(300):
         params, opt_state = step(params, opt_state)
-    return functools.partial(_mlp, params)
+    return params
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    images = (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    return images, data.target.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def model(digits):
+    """(apply_fn, variables) of an MLP trained on 1,500 digits (about 97% test accuracy)."""
+    return _mlp, _train_mlp(*digits, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +103,11 @@ def eval_set(digits):
 
 @pytest.fixture(scope="module")
 def autoattack_result(model, eval_set):
-    return run_autoattack(model, *eval_set, eps=EPS, batch_size=BATCH, log=None, **FAST)
+    return run_autoattack(*model, *eval_set, eps=EPS, batch_size=BATCH, log=None, **FAST)
 
 
-def _accuracy(logits_fn, images, labels):
-    return float(np.mean(np.argmax(np.asarray(logits_fn(jnp.asarray(images))), -1) == labels))
+def _accuracy(model, images, labels):
+    return float(np.mean(np.argmax(np.asarray(_logits(model, images)), -1) == labels))
 
 
 def _assert_in_ball_and_box(adversarial, images, eps, norm="linf"):
@@ -102,7 +131,7 @@ def test_dlr_losses_equal_hand_computed_values():
     np.testing.assert_allclose(dlr_loss(jnp.asarray(logits), jnp.asarray(labels)), expected_dlr, rtol=1e-6)
     np.testing.assert_allclose(targeted_dlr_loss(jnp.asarray(logits), jnp.asarray(labels),
                                                  jnp.asarray(targets)), expected_targeted, rtol=1e-6)
-    np.testing.assert_allclose(margin_loss(jnp.asarray(logits), jnp.asarray(labels)), expected_margin)
+    np.testing.assert_allclose(margin(jnp.asarray(logits), jnp.asarray(labels)), expected_margin)
 
 
 def test_apgd_checkpoints_follow_the_papers_schedule():
@@ -221,7 +250,7 @@ def test_l2_hyperplane_projection_matches_bisection_on_the_multiplier():
 # ----------------------------------------------------------------------------- attacks and runner
 def test_eps_zero_gives_clean_accuracy_for_every_attack(model, eval_set):
     images, labels = eval_set
-    result = run_autoattack(model, images, labels, eps=0.0, batch_size=BATCH, log=None, **FAST)
+    result = run_autoattack(*model, images, labels, eps=0.0, batch_size=BATCH, log=None, **FAST)
     clean = _accuracy(model, images, labels)
     assert result.clean_accuracy == pytest.approx(clean)
     assert list(result.per_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -235,7 +264,7 @@ def test_autoattack_is_at_most_each_attack_which_is_at_most_clean(model, eval_se
     assert result.robust_accuracy < result.clean_accuracy  # eps = 0.1 breaks a plain MLP
     assert result.robust_accuracy == pytest.approx(result.robust_mask.mean())
     for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
-        single = run_autoattack(model, images, labels, eps=EPS, batch_size=BATCH, attacks=(name,), log=None,
+        single = run_autoattack(*model, images, labels, eps=EPS, batch_size=BATCH, attacks=(name,), log=None,
                                 **FAST)
         assert result.robust_accuracy <= single.robust_accuracy <= single.clean_accuracy
     steps = list(result.per_attack.values())
@@ -246,7 +275,7 @@ def test_returned_examples_are_valid_and_counted_exactly(model, eval_set, autoat
     images, labels = eval_set
     result = autoattack_result
     _assert_in_ball_and_box(result.adversarial, images, EPS)
-    predictions = np.argmax(np.asarray(model(jnp.asarray(result.adversarial))), -1)
+    predictions = np.argmax(np.asarray(_logits(model, result.adversarial)), -1)
     np.testing.assert_array_equal(result.robust_mask, predictions == labels)
     np.testing.assert_array_equal(result.adversarial[result.robust_mask], images[result.robust_mask])
     assert result.recheck_failures == 0
@@ -257,13 +286,13 @@ def test_l2_attacks_respect_the_ball_and_the_box(model, eval_set):
     """The L-inf attacks are checked through the runner (test_returned_examples_are_valid...)."""
     images, labels = eval_set
     key, norm, eps = jax.random.key(3), "l2", 0.5
-    outputs = [apgd(model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
-               fab_targeted(model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
+    outputs = [apgd(*model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
+               fab_targeted(*model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
                             n_restarts=2, **DEVICE_LOOP),
-               square_attack(model, images, labels, key, eps=eps, norm=norm, n_queries=100, **DEVICE_LOOP)]
+               square_attack(*model, images, labels, key, eps=eps, norm=norm, n_queries=100, **DEVICE_LOOP)]
     for out in outputs:
         _assert_in_ball_and_box(out.adversarial, images, eps, norm)
-        predictions = np.argmax(np.asarray(model(out.adversarial)), -1)
+        predictions = np.argmax(np.asarray(_logits(model, out.adversarial)), -1)
         np.testing.assert_array_equal(np.asarray(out.fooled), predictions != labels)
         assert np.asarray(out.fooled).any()
         unchanged = ~np.asarray(out.fooled)
@@ -288,7 +317,7 @@ def _pgd(logits_fn, images, labels, eps, key, steps=20, step_size=None):
 def robust_model(digits, model):
     """The MLP fine-tuned with PGD-3 adversarial training at eps = 0.1 (a model PGD finds harder)."""
     images, labels = digits
-    params = model.args[0]
+    params = model[1]
     optimizer = optax.adam(1e-2)
     train_x, train_y = jnp.asarray(images[:1500]), labels[:1500]
 
@@ -304,21 +333,22 @@ def robust_model(digits, model):
     opt_state = optimizer.init(params)
     for i in range(300):
         params, opt_state = step(params, opt_state, jax.random.key(i))
-    return functools.partial(_mlp, params)
+    return _mlp, params
 
 
 def test_apgd_ce_is_at_least_as_strong_as_pgd20(robust_model, digits):
     images, labels = digits
     images, labels = jnp.asarray(images[1500:]), labels[1500:]
     eps = 0.15
-    pgd = jax.jit(lambda key: robust_model(_pgd(robust_model, images, labels, eps, key)))
+    logits_fn = functools.partial(*robust_model)
+    pgd = jax.jit(lambda key: logits_fn(_pgd(logits_fn, images, labels, eps, key)))
     pgd_robust = apgd_robust = 0
     for seed in range(3):
         key = jax.random.key(seed)
         pgd_robust += np.sum(np.argmax(np.asarray(pgd(key)), -1) == labels)
-        out = apgd(robust_model, images, labels, key, eps=eps, n_iter=20, **DEVICE_LOOP)  # same budget
+        out = apgd(*robust_model, images, labels, key, eps=eps, n_iter=20, **DEVICE_LOOP)  # same budget
         apgd_robust += np.sum(~np.asarray(out.fooled))
-    clean = np.sum(np.argmax(np.asarray(robust_model(images)), -1) == labels)
+    clean = np.sum(np.argmax(np.asarray(logits_fn(images)), -1) == labels)
     assert 3 * clean > pgd_robust > 0.1 * 3 * len(labels)  # a meaningful comparison
     assert apgd_robust <= pgd_robust
 
@@ -326,11 +356,11 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd20(robust_model, digits):
 @pytest.mark.parametrize("norm, eps", [("linf", 0.2), ("l2", 1.5)])
 def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set, norm, eps):
     images, labels = eval_set
-    masked = functools.partial(lambda f, x: f(jax.lax.stop_gradient(x)), model)
+    masked = (_masked_mlp, model[1])
     clean = _accuracy(masked, images, labels)
-    gradient = run_autoattack(masked, images, labels, eps=eps, norm=norm, attacks=("apgd-ce",), log=None,
+    gradient = run_autoattack(*masked, images, labels, eps=eps, norm=norm, attacks=("apgd-ce",), log=None,
                               apgd_ce=dict(n_iter=10, **DEVICE_LOOP))
-    square = run_autoattack(masked, images, labels, eps=eps, norm=norm, attacks=("square",), log=None,
+    square = run_autoattack(*masked, images, labels, eps=eps, norm=norm, attacks=("square",), log=None,
                             square=dict(n_queries=300, **DEVICE_LOOP))
     _assert_in_ball_and_box(square.adversarial, images, eps, norm)
     assert square.robust_accuracy <= 0.25 * clean
@@ -339,14 +369,14 @@ def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set, norm, e
 
 def test_same_seed_same_result_whatever_the_batching(model, eval_set, autoattack_result):
     images, labels = eval_set
-    again = run_autoattack(model, images[:45], labels[:45], eps=EPS, batch_size=BATCH // 2, log=None, **FAST)
+    again = run_autoattack(*model, images[:45], labels[:45], eps=EPS, batch_size=BATCH // 2, log=None, **FAST)
     np.testing.assert_array_equal(again.robust_mask, autoattack_result.robust_mask[:45])
     np.testing.assert_allclose(again.adversarial, autoattack_result.adversarial[:45], atol=1e-6)
     assert again.robust_accuracy == pytest.approx(autoattack_result.robust_mask[:45].mean())
 
 
 def test_verify_adversarial_rejects_each_kind_of_invalid_example():
-    def logits_fn(x):  # the prediction is the brightest of three pixels
+    def apply_fn(variables, x):  # no variables: the prediction is the brightest of three pixels
         return x.reshape(x.shape[0], 3)
     images = np.array([[0.5, 0.4, 0.3], [0.5, 0.4, 0.3], [0.98, 0.95, 0.0], [0.5, 0.4, 0.3]], np.float32)
     adversarial = np.array([[0.4, 0.45, 0.3],    # valid: within 0.1, class 1
@@ -355,7 +385,7 @@ def test_verify_adversarial_rejects_each_kind_of_invalid_example():
                             [0.5, 0.45, 0.3]],   # still class 0
                            np.float32)
     shape = (4, 1, 1, 3)
-    valid = verify_adversarial(logits_fn, images.reshape(shape), adversarial.reshape(shape),
+    valid = verify_adversarial(apply_fn, None, images.reshape(shape), adversarial.reshape(shape),
                                np.zeros(4, np.int32), eps=0.1)
     np.testing.assert_array_equal(valid, [True, False, False, False])
 
@@ -363,11 +393,11 @@ def test_verify_adversarial_rejects_each_kind_of_invalid_example():
 def test_runner_reports_claims_the_recheck_rejects(model, eval_set, monkeypatch):
     images, labels = eval_set
 
-    def lying_attack(logits_fn, x, y, key, *, eps, norm, example_ids, active, **_):
+    def lying_attack(apply_fn, variables, x, y, key, *, eps, norm, example_ids, active, **_):
         return runner_module.AttackOutput(jnp.clip(x + 3 * eps, 0, 1), active)
 
     monkeypatch.setitem(runner_module._ATTACK_FUNCTIONS, "apgd-ce", lying_attack)
-    result = run_autoattack(model, images, labels, eps=EPS, attacks=("apgd-ce",), log=None)
+    result = run_autoattack(*model, images, labels, eps=EPS, attacks=("apgd-ce",), log=None)
     assert result.recheck_failures == round(result.clean_accuracy * len(labels))
     assert result.robust_accuracy == result.clean_accuracy
     assert any("re-check rejected" in line for line in result.log_lines)
@@ -376,17 +406,17 @@ def test_runner_reports_claims_the_recheck_rejects(model, eval_set, monkeypatch)
 def test_bad_arguments_raise_value_errors(model, eval_set):
     images, labels = eval_set
     with pytest.raises(ValueError, match="images"):
-        run_autoattack(model, images * 2, labels, eps=EPS, log=None)
-    with pytest.raises(ValueError, match="logits_fn"):
-        run_autoattack({"not": "hashable"}, images, labels, eps=EPS, log=None)
+        run_autoattack(*model, images * 2, labels, eps=EPS, log=None)
+    with pytest.raises(ValueError, match="apply_fn"):
+        run_autoattack({"not": "hashable"}, model[1], images, labels, eps=EPS, log=None)
     with pytest.raises(ValueError, match="norm"):
-        run_autoattack(model, images, labels, eps=EPS, norm="l1", log=None)
+        run_autoattack(*model, images, labels, eps=EPS, norm="l1", log=None)
     with pytest.raises(ValueError, match="attacks"):
-        run_autoattack(model, images, labels, eps=EPS, attacks=("apgd-dlr",), log=None)
+        run_autoattack(*model, images, labels, eps=EPS, attacks=("apgd-dlr",), log=None)
     with pytest.raises(ValueError, match="override"):
-        run_autoattack(model, images, labels, eps=EPS, apgd=dict(n_iter=3), log=None)
+        run_autoattack(*model, images, labels, eps=EPS, apgd=dict(n_iter=3), log=None)
     with pytest.raises(ValueError, match="target"):
-        apgd_targeted(model, images, labels, jax.random.key(0), eps=EPS, n_target_classes=10)
+        apgd_targeted(*model, images, labels, jax.random.key(0), eps=EPS, n_target_classes=10)
 
 
 def test_device_and_host_loops_give_the_same_result(model, eval_set):
@@ -396,7 +426,42 @@ def test_device_and_host_loops_give_the_same_result(model, eval_set):
                functools.partial(fab_targeted, n_iter=10, n_target_classes=1),
                functools.partial(square_attack, n_queries=50)]
     for attack in attacks:
-        device = attack(model, images, labels, key, eps=EPS, loop="device")
-        host = attack(model, images, labels, key, eps=EPS, loop="host")
+        device = attack(*model, images, labels, key, eps=EPS, loop="device")
+        host = attack(*model, images, labels, key, eps=EPS, loop="host")
         np.testing.assert_array_equal(np.asarray(device.fooled), np.asarray(host.fooled))
         np.testing.assert_allclose(np.asarray(device.adversarial), np.asarray(host.adversarial), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- one compilation per architecture
+@contextlib.contextmanager
+def _backend_compilations():
+    """The names of the programs XLA compiles inside the block (jax.monitoring's backend-compile events)."""
+    compiled = []
+
+    def listener(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_second_network_of_the_same_architecture_compiles_nothing(digits, model, eval_set):
+    """The weights are traced arguments, not constants: every program compiled for the first network (a Flax
+    module built anew, as main.py builds each network) serves the second one, whose results differ."""
+    images, labels = eval_set[0][:16], eval_set[1][:16]
+    # batch_size = the 8 test devices: every batch has 8 rows whatever is left robust, so both runs use one shape.
+    # eps is small enough that points stay robust through all four attacks (so the first run compiles each).
+    settings = dict(eps=0.05, batch_size=8, log=None, **FAST)
+    first = run_autoattack(networks.inference_apply(FlaxMLP()), {"params": model[1]}, images, labels, **settings)
+    assert all(accuracy > 0 for accuracy in first.per_attack.values())
+    other = {"params": _train_mlp(*digits, seed=1)}
+    with _backend_compilations() as compiled:
+        second = run_autoattack(networks.inference_apply(FlaxMLP()), other, images, labels, **settings)
+    assert compiled == []
+    assert not np.array_equal(first.adversarial, second.adversarial)
+    predictions = np.argmax(np.asarray(_mlp(other["params"], jnp.asarray(second.adversarial))), -1)
+    np.testing.assert_array_equal(second.robust_mask, predictions == labels)  # the second network's own result

@@ -105,6 +105,7 @@ def test_unknown_override_field_is_refused():
         ("baselines", "rslad,unknown", "config.baselines"),
         ("eval.checkpoint", "first", "config.eval.checkpoint"),
         ("dtype", "float16", "config.dtype"),
+        ("teacher.method.trades_beta", -1.0, "config.teacher.method.trades_beta"),
         ("profile_steps", "10", "config.profile_steps"),
         ("profile_steps", "20,10", "config.profile_steps"),
         ("profile_steps", "a,b", "config.profile_steps"),
@@ -134,6 +135,21 @@ def test_mmard_parts_need_a_distillation_base():
     config = parse("cifar10.py", "--config.method.name=pgd_at", "--config.method.mmard_outer=True")
     with pytest.raises(ValueError, match=r"config\.method\.mmard"):
         config_lib.validate(config, device_count=1)
+
+
+def test_validate_returns_the_run_plan_with_each_method_built_once():
+    plan = config_lib.validate(parse("mnist5k.py"))
+    assert plan.stages == ("teacher", "distill", "eval") and plan.distillation_needs_teacher
+    assert (plan.teacher.name, plan.teacher.run_dir, plan.teacher.method.name) == ("teacher", "teacher", "trades")
+    assert [(j.name, j.run_dir) for j in plan.students] == [
+        ("pgd_at", "students/pgd_at"), ("rslad", "students/rslad"), ("mmard", "students/mmard")]
+    assert [j.method.needs_teacher for j in plan.students] == [False, True, True]
+    assert all(j.model.name == "cnn" and j.optim.epochs == 10 for j in plan.students)
+    config = parse("mnist5k.py", "--config.method.name=rslad", "--config.method.mmard_outer=True",
+                   "--config.baselines=rslad,adaad", "--config.stages=distill")
+    plan = config_lib.validate(config)
+    assert [j.name for j in plan.students] == ["rslad", "adaad"]  # the main method is not trained twice
+    assert plan.students[0].method_cfg.mmard_outer and not plan.students[1].method_cfg.mmard_outer
 
 
 def test_student_methods_put_baselines_first_without_repeats():

@@ -6,7 +6,6 @@ import pickle
 import tarfile
 import threading
 import time
-from functools import partial
 
 import jax
 import numpy as np
@@ -431,7 +430,7 @@ def test_to_float_divides_by_255():
 
 def test_crop_and_flip_are_exact_shifts_and_mirrors_of_the_padded_image():
     pad, images = 2, _random_images(256)
-    augmented = np.asarray(augment.augment_batch(jax.random.key(0), images, crop_padding=pad, flip=True))
+    augmented = np.asarray(augment.augment_batch(jax.random.split(jax.random.key(0), len(images)), images, crop_padding=pad, flip=True))
     found = []
     for original, result in zip(images, augmented):
         matches = _find_transforms(original, result, pad, flips=(False, True))
@@ -444,10 +443,10 @@ def test_crop_and_flip_are_exact_shifts_and_mirrors_of_the_padded_image():
 
 def test_crop_only_never_flips_and_flip_only_never_shifts():
     images = _random_images(64, seed=1)
-    key = jax.random.key(1)
-    cropped = np.asarray(augment.augment_batch(key, images, crop_padding=3, flip=False))
+    keys = jax.random.split(jax.random.key(1), len(images))
+    cropped = np.asarray(augment.augment_batch(keys, images, crop_padding=3, flip=False))
     assert all(_find_transforms(x, y, 3, flips=(False,)) for x, y in zip(images, cropped))
-    flipped = np.asarray(augment.augment_batch(key, images, crop_padding=0, flip=True))
+    flipped = np.asarray(augment.augment_batch(keys, images, crop_padding=0, flip=True))
     for x, y in zip(images, flipped):
         assert np.array_equal(y, x) or np.array_equal(y, x[:, ::-1])
     assert any(np.array_equal(y, x[:, ::-1]) for x, y in zip(images, flipped))
@@ -456,13 +455,15 @@ def test_crop_only_never_flips_and_flip_only_never_shifts():
 def test_identity_when_disabled():
     images = _random_images(4)
     np.testing.assert_array_equal(
-        np.asarray(augment.augment_batch(jax.random.key(2), images, crop_padding=0, flip=False)), images)
+        np.asarray(augment.augment_batch(jax.random.split(jax.random.key(2), 4), images, crop_padding=0, flip=False)), images)
 
 
 def test_keys_per_example_same_key_same_result_and_jit():
     # Identical images in a batch: different results can only come from different per-example keys.
     images = np.repeat(_random_images(1), 16, axis=0)
-    run = partial(augment.augment_batch, crop_padding=4, flip=True)
+    def run(key, batch):
+        return augment.augment_batch(jax.random.split(key, len(batch)), batch, crop_padding=4, flip=True)
+
     first = np.asarray(run(jax.random.key(3), images))
     assert len({row.tobytes() for row in first}) > 1
     np.testing.assert_array_equal(first, np.asarray(run(jax.random.key(3), images)))

@@ -70,8 +70,9 @@ def test_the_doc_method_trains_through_the_real_train_step(doc_config_module):
     dataset = load_dataset(config.data)
     teacher_module = build_module(config.teacher.model, dataset.num_classes)
     teacher = Network(teacher_module, init_variables(teacher_module, jax.random.PRNGKey(1), dataset.image_shape))
-    job = train.Job(name="rslad_js", workdir="/unused", model_cfg=config.student.model, method_cfg=config.method,
-                    attack_cfg=config.attack, optim_cfg=config.optim, teacher=teacher)
+    plan = config_lib.job_plan("rslad_js", "students/rslad_js", config.student.model, config.method, config.attack,
+                               config.optim)
+    job = train.Job(plan, "/unused", teacher)
     step_spec = train.step_spec(job, config, dataset.num_classes, steps_per_epoch=10)
     student = build_module(config.student.model, dataset.num_classes)
     variables = init_variables(student, jax.random.PRNGKey(0), dataset.image_shape)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from mmard_jax.attacks import ce_attack, cw_linf, fgsm, pgd, random_start
+from mmard_jax.attacks import PGDSpec, ce_attack, cw_linf, fgsm, per_example_start, pgd, project
 from mmard_jax.losses import cross_entropy
 
 BATCH, SHAPE, CLASSES = 8, (4, 4, 1), 3
@@ -129,11 +129,6 @@ def test_vmap_over_batches_matches_loop():
         np.testing.assert_allclose(mapped[i], attack(xs[i]), atol=1e-6)
 
 
-def per_example_starts(keys, x):
-    """Uniform starts drawn with one key per example, so they do not depend on how the batch is split."""
-    return jax.vmap(lambda k, xi: random_start(k, xi[None], eps=EPS)[0])(keys, x)
-
-
 def test_shard_map_over_8_devices_matches_single_device():
     devices = jax.devices()
     assert len(devices) == 8, 'conftest sets 8 host CPU devices'
@@ -141,7 +136,7 @@ def test_shard_map_over_8_devices_matches_single_device():
 
     def attack(x, y, keys):
         return ce_attack(LOGITS_FN, x, y, None, eps=EPS, step_size=STEP, steps=4, init='none',
-                         x_init=per_example_starts(keys, x))
+                         x_init=per_example_start(keys, x, eps=EPS))
 
     keys = jax.random.split(jax.random.key(5), BATCH)  # threefry: its bits do not depend on the sharding
     sharded = jax.jit(jax.shard_map(attack, mesh=mesh, in_specs=PartitionSpec('data'),
@@ -194,3 +189,37 @@ def test_invalid_arguments_raise(kwargs, field):
     key = arguments.pop('key')
     with pytest.raises(ValueError, match=field):
         pgd(ce_loss, X, key, **arguments)
+
+
+def test_pgd_spec_holds_pgd_arguments_and_checks_them():
+    spec = PGDSpec(eps=EPS, step_size=STEP, steps=3, init='normal', init_scale=0.05)
+    key = make_key(2)
+    np.testing.assert_array_equal(pgd(ce_loss, X, key, **spec.kwargs),
+                                  pgd(ce_loss, X, key, eps=EPS, step_size=STEP, steps=3, init='normal', init_scale=0.05))
+    assert spec.start == dict(eps=EPS, init='normal', init_scale=0.05, norm='linf')
+    assert hash(spec) == hash(PGDSpec(eps=EPS, step_size=STEP, steps=3, init='normal', init_scale=0.05))
+    for kwargs, field in [(dict(norm='l1'), 'norm'), (dict(init='gaussian'), 'init'), (dict(eps=-0.1), 'eps'),
+                          (dict(step_size=-1.0), 'step_size'), (dict(steps=2.5), 'steps'), (dict(unroll=0), 'unroll')]:
+        with pytest.raises(ValueError, match=field):
+            PGDSpec(**(dict(eps=EPS, step_size=STEP, steps=2) | kwargs))
+
+
+@pytest.mark.parametrize('norm', ['linf', 'l2'])
+def test_sphere_start_lies_on_the_eps_sphere_and_per_example_starts_ignore_batching(norm):
+    x = jnp.full((6, 4, 4, 3), 0.5)  # far from the box edges, so clipping to [0, 1] does not cut the start
+    eps = 0.2
+    keys = jax.random.split(jax.random.key(0), 6)
+    start = per_example_start(keys, x, eps=eps, init='sphere', norm=norm)
+    np.testing.assert_allclose(_per_example_distance(start, x, norm), eps, rtol=1e-5)
+    np.testing.assert_array_equal(per_example_start(keys[:2], x[:2], eps=eps, init='sphere', norm=norm), start[:2])
+
+
+@pytest.mark.parametrize('norm, eps', [('linf', EPS), ('l2', 0.5)])
+def test_projection_keeps_inner_points_and_pulls_outer_points_onto_the_sphere(norm, eps):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(0.3, 0.7, (4, 4, 4, 1)), jnp.float32)
+    direction = rng.normal(size=x.shape)
+    unit = jnp.asarray(direction / _per_example_distance(direction, 0.0, norm)[:, None, None, None], jnp.float32)
+    inside, outside = x + 0.5 * eps * unit, x + 2.0 * eps * unit
+    np.testing.assert_allclose(project(inside, x, eps, norm), inside, atol=1e-7)
+    np.testing.assert_allclose(_per_example_distance(project(outside, x, eps, norm), x, norm), eps, rtol=1e-5)

@@ -19,9 +19,9 @@ import pytest
 
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import parallel, train
-from mmard_jax.config import model_config
+from mmard_jax.attacks import per_example_start
+from mmard_jax.config import job_plan, model_config
 from mmard_jax.data import load_dataset
-from mmard_jax.methods import build_method
 from mmard_jax.networks import Network, build_module, init_variables
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -47,15 +47,8 @@ def random_teacher(config, dataset, seed=1):
 def make_job(config, workdir, method_name, teacher):
     method_cfg = copy.deepcopy(config.method)
     method_cfg.name = method_name
-    return train.Job(
-        name=method_name,
-        workdir=str(workdir),
-        model_cfg=config.student.model,
-        method_cfg=method_cfg,
-        attack_cfg=config.attack,
-        optim_cfg=config.optim,
-        teacher=teacher if build_method(method_cfg).needs_teacher else None,
-    )
+    plan = job_plan(method_name, method_name, config.student.model, method_cfg, config.attack, config.optim)
+    return train.Job(plan, str(workdir), teacher if plan.method.needs_teacher else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +158,7 @@ def test_gradient_is_the_global_batch_mean_not_the_sum(digits):
     new_state, _ = train.make_train_step(spec, mesh)(parallel.replicate(state, mesh), None, *parallel.global_batch((images, labels), mesh))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root_key, 0), i))(jnp.arange(32))
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-    x_adv = train.starting_points(spec, keys[:, 1], jnp.asarray(x))
+    x_adv = per_example_start(keys[:, 1], jnp.asarray(x), **spec.attack.start)
 
     def loss(params):
         logits, _ = plain.apply({"params": params, "batch_stats": variables["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"])

@@ -42,12 +42,11 @@ def augment_image(key: jax.Array, image: jax.Array, *, crop_padding: int, flip: 
     return random_flip(flip_key, image) if flip else image
 
 
-def augment_batch(key: jax.Array, images: jax.Array, *, crop_padding: int = 4, flip: bool = True) -> jax.Array:
-    """Augments each image of a [B, H, W, C] batch with its own key from ``jax.random.split(key, B)``.
+def augment_batch(keys: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool) -> jax.Array:
+    """Augments each image of a [B, H, W, C] batch with its own key (``keys``: B keys), as the train step does.
 
     ``crop_padding=0, flip=False`` returns `images` unchanged (e.g. MNIST).
     """
     if crop_padding == 0 and not flip:
         return images
-    keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: augment_image(k, x, crop_padding=crop_padding, flip=flip))(keys, images)

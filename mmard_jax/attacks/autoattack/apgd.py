@@ -15,9 +15,12 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_target_ranks, example_keys, fold_keys,
-    merge_success, normalize, per_example, predicted_correctly, prepare_batch, project,
-    random_start, resolve_target_ranks, run_fori, use_host_loop)
+    N_TARGET_CLASSES, AttackOutput, check_target_ranks, merge_success, prepare_batch, resolve_target_ranks,
+    run_fori, use_host_loop)
+from mmard_jax.attacks.common import (
+    ApplyFn, ascent_direction, example_keys, fold_keys, per_example, per_example_start, predicted_correctly,
+    project)
+from mmard_jax.losses import cross_entropy
 
 def apgd_checkpoints(n_iter: int, first_fraction: float = 0.22, min_fraction: float = 0.06,
                      decrement_fraction: float = 0.03) -> tuple[tuple[int, int], ...]:
@@ -48,12 +51,12 @@ class _Settings:
     checkpoints: tuple[tuple[int, int], ...]
 
 
-def _loss_value_and_grad(logits_fn: LogitsFn, loss: str, x, labels, targets):
+def _loss_value_and_grad(apply_fn: ApplyFn, variables, loss: str, x, labels, targets):
     """Per-example loss, logits and d(sum of losses)/dx at x."""
     def total(x_):
-        logits = logits_fn(x_)
+        logits = apply_fn(variables, x_)
         if loss == "ce":
-            per_ex = losses.cross_entropy(logits, labels)
+            per_ex = cross_entropy(logits, labels)
         elif loss == "dlr":
             per_ex = losses.dlr_loss(logits, labels)
         else:
@@ -80,12 +83,12 @@ def _checkpoint_tables(settings: _Settings):
     return jnp.asarray(is_checkpoint), jnp.asarray(window_at)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "settings"))
-def _apgd_init(logits_fn: LogitsFn, settings: _Settings, consts, keys):
-    """State after the random start (reference: before the first iteration)."""
-    x, labels, targets, eps = consts
-    x_adv = random_start(keys, x, eps, settings.norm)
-    loss, logits, grad = _loss_value_and_grad(logits_fn, settings.loss, x_adv, labels, targets)
+@functools.partial(jax.jit, static_argnames=("apply_fn", "settings"))
+def _apgd_init(apply_fn: ApplyFn, settings: _Settings, consts, keys):
+    """State after the random start on the eps-sphere (reference: before the first iteration)."""
+    variables, x, labels, targets, eps = consts
+    x_adv = per_example_start(keys, x, eps=eps, init="sphere", norm=settings.norm)
+    loss, logits, grad = _loss_value_and_grad(apply_fn, variables, settings.loss, x_adv, labels, targets)
     batch = x.shape[0]
     return dict(
         x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=loss,
@@ -98,20 +101,20 @@ def _apgd_init(logits_fn: LogitsFn, settings: _Settings, consts, keys):
 @dataclasses.dataclass(frozen=True)
 class _ApgdStep:
     """Iteration i of Alg. 1: momentum step, best-point bookkeeping, step-size check at checkpoints."""
-    logits_fn: LogitsFn
+    apply_fn: ApplyFn
     settings: _Settings
 
     def __call__(self, consts, i, st):
         s = self.settings
-        x, labels, targets, eps = consts
+        variables, x, labels, targets, eps = consts
         is_checkpoint, window_at = _checkpoint_tables(s)
-        direction = jnp.sign(st["grad"]) if s.norm == "linf" else normalize(st["grad"], "l2")
+        direction = ascent_direction(st["grad"], s.norm)
         a = jnp.where(i > 0, s.momentum, 1.0)
         x_cur = st["x_adv"]
         z = project(x_cur + per_example(st["step_size"], x) * direction, x, eps, s.norm)
         x_new = project(x_cur + (z - x_cur) * a + (x_cur - st["x_adv_old"]) * (1 - a), x, eps, s.norm)
 
-        loss, logits, grad = _loss_value_and_grad(self.logits_fn, s.loss, x_new, labels, targets)
+        loss, logits, grad = _loss_value_and_grad(self.apply_fn, variables, s.loss, x_new, labels, targets)
         correct = predicted_correctly(logits, labels)
         x_best_adv = jnp.where(per_example(~correct, x), x_new, st["x_best_adv"])
         loss_steps = st["loss_steps"].at[i].set(loss)
@@ -136,33 +139,36 @@ class _ApgdStep:
             reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
 
 
-def _apgd_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, targets, keys, eps,
+def _apgd_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, labels, targets, keys, eps,
                      attack_mask, host: bool) -> AttackOutput:
     """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
-    consts = (x, labels, targets, eps)
-    state = _apgd_init(logits_fn, settings, consts, keys)
-    state = run_fori(_ApgdStep(logits_fn, settings), settings.n_iter, consts, state, host)
+    consts = (variables, x, labels, targets, eps)
+    state = _apgd_init(apply_fn, settings, consts, keys)
+    state = run_fori(_ApgdStep(apply_fn, settings), settings.n_iter, consts, state, host)
     fooled = attack_mask & ~state["robust"]
     return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
 
 
-def _apgd_restarts(logits_fn, settings, images, labels, targets, keys, eps, attack_mask,
-                   n_restarts, found: AttackOutput, host: bool) -> AttackOutput:
-    """Reference `perturb`: each restart attacks only the rows not fooled yet."""
+def _apgd_restarts(apply_fn, settings, batch, targets, keys, n_restarts, found: AttackOutput,
+                   host: bool) -> AttackOutput:
+    """Reference `perturb`: each restart attacks only the rows of `batch` not fooled yet."""
     for restart in range(n_restarts):
-        attacked = attack_mask & ~found.fooled
-        new = _apgd_single_run(logits_fn, settings, images, labels, targets,
-                               fold_keys(keys, restart), eps, attacked, host)
+        attacked = batch.attack_mask & ~found.fooled
+        new = _apgd_single_run(apply_fn, settings, batch.variables, batch.images, batch.labels, targets,
+                               fold_keys(keys, restart), batch.eps, attacked, host)
         found = merge_success(found, new, attacked)
     return found
 
 
-def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, norm: str = "linf",
+def apgd(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float, norm: str = "linf",
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
          momentum: float = 0.75, step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
          min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
          loop: str = "auto", example_ids=None, active=None) -> AttackOutput:
     """Untargeted APGD (Croce & Hein 2020, Sec. 3, Alg. 1) with loss 'ce' (APGD-CE) or 'dlr'.
+
+    The network is ``apply_fn(variables, x) -> logits`` (apply_fn static and hashable, variables traced: one
+    compilation serves every network of the same architecture).
 
     Defaults are AutoAttack's: 100 iterations, rho = 0.75 (oscillation threshold), momentum
     alpha = 0.75, initial step size 2 * eps, checkpoints p_1 = 0.22 / gap decrement 0.03 / minimum gap 0.06.
@@ -174,16 +180,15 @@ def apgd(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float, nor
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted "
                          "runs the targeted DLR loss)")
-    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     settings = _Settings(norm, loss, n_iter, rho, momentum, step_size_factor,
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
                                           checkpoint_gap_decrement))
-    return _apgd_restarts(logits_fn, settings, batch.images, batch.labels, batch.labels,
-                          example_keys(key, batch.ids), batch.eps, batch.attack_mask, n_restarts,
+    return _apgd_restarts(apply_fn, settings, batch, batch.labels, example_keys(key, batch.ids), n_restarts,
                           batch.found, use_host_loop(loop))
 
 
-def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
+def apgd_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
                   norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
                   n_restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
                   step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
@@ -198,7 +203,7 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     target attacks only the points still robust). Needs more classes than the largest rank and >= 4.
     """
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
-    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     check_target_ranks(ranks, batch.clean_logits.shape[-1], min_classes=4)  # targeted DLR uses z_pi4
     settings = _Settings(norm, "dlr-targeted", n_iter, rho, momentum, step_size_factor,
                          apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
@@ -206,7 +211,6 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     keys, host, found = example_keys(key, batch.ids), use_host_loop(loop), batch.found
     for rank in ranks:
         targets = losses.ranked_class(batch.clean_logits, rank)
-        found = _apgd_restarts(logits_fn, settings, batch.images, batch.labels, targets,
-                               fold_keys(keys, rank), batch.eps, batch.attack_mask, n_restarts, found,
+        found = _apgd_restarts(apply_fn, settings, batch, targets, fold_keys(keys, rank), n_restarts, found,
                                host)
     return found

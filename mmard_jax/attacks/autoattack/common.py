@@ -1,17 +1,20 @@
-"""Pieces shared by the AutoAttack attacks: norms, projections, per-example keys, argument checks."""
+"""Pieces shared by the AutoAttack attacks: outputs, batch preparation, target ranks, iteration drivers.
+
+The attack vocabulary (norms, projection, starts, per-example keys) lives in `mmard_jax.attacks.common`.
+"""
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-LogitsFn = Callable[[jax.Array], jax.Array]
-NORMS = ("linf", "l2")
+from mmard_jax.attacks.common import (
+    ApplyFn, check_apply_fn, check_non_negative, check_norm, logits_of, per_example, predicted_correctly)
+
 N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the classes ranked 2..10
-NORMALIZE_EPS = 1e-12  # reference: the `+ 1e-12` in APGDAttack.normalize / SquareAttack.normalize
 
 
 class AttackOutput(NamedTuple):
@@ -21,71 +24,10 @@ class AttackOutput(NamedTuple):
     fooled: jax.Array
 
 
-def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS}")
-    return norm
-
-
-def check_logits_fn(logits_fn) -> None:
-    """The attacks compile per logits_fn (a static jit argument), so it must be callable and hashable."""
-    try:
-        hash(logits_fn)
-    except TypeError as error:
-        raise ValueError("logits_fn must be hashable (a function or functools.partial, not e.g. a "
-                         "lambda over an unhashable object's method)") from error
-    if not callable(logits_fn):
-        raise ValueError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
-
-
-def check_eps(eps: float) -> float:
-    if not eps >= 0:
-        raise ValueError(f"eps={eps!r} must be a non-negative number")
+def check_eps(eps) -> float:
+    """eps as a Python float, or ValueError for a negative one."""
+    check_non_negative("eps", eps)
     return float(eps)
-
-
-def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape [B] values to broadcast against a [B, ...] array."""
-    return values.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def flat(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1)
-
-
-def lp_norm(delta: jax.Array, norm: str) -> jax.Array:
-    """Per-example L-inf or L2 norm of a [B, ...] array."""
-    if norm == "linf":
-        return jnp.max(jnp.abs(flat(delta)), axis=1)
-    return jnp.sqrt(jnp.sum(flat(delta) ** 2, axis=1))
-
-
-def normalize(v: jax.Array, norm: str) -> jax.Array:
-    """v / (||v|| + 1e-12) per example, as in the reference."""
-    return v / per_example(lp_norm(v, norm) + NORMALIZE_EPS, v)
-
-
-def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str) -> jax.Array:
-    """Projection onto the eps-ball around x, then clipping to [0, 1] (reference order)."""
-    delta = x_adv - x
-    if norm == "linf":
-        return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
-    radius = jnp.minimum(eps, lp_norm(delta, "l2"))
-    return jnp.clip(x + normalize(delta, "l2") * per_example(radius, x), 0.0, 1.0)
-
-
-def predicted_correctly(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.argmax(logits, axis=-1) == labels
-
-
-def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
-    """One key per example, derived from its global index: results do not depend on batching."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids)
-
-
-def fold_keys(keys: jax.Array, data: int | jax.Array) -> jax.Array:
-    """Fold the same integer (a restart, a target rank, an iteration) into every example's key."""
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
 def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Array, jax.Array]:
@@ -97,18 +39,11 @@ def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Ar
     return ids, mask
 
 
-def random_start(keys: jax.Array, x: jax.Array, radius, norm: str) -> jax.Array:
-    """x + radius * t / ||t|| with t ~ U[-1, 1]^d (L-inf) or N(0, I) (L2) per example, clipped to [0, 1]."""
-    if norm == "linf":
-        noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
-    else:
-        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
-    return jnp.clip(x + radius * normalize(noise, norm), 0.0, 1.0)
-
-
 class Batch(NamedTuple):
-    """An attack's validated inputs. attack_mask: active rows classified correctly (the ones to
-    attack); found: the starting output, where misclassified active rows already count as fooled."""
+    """An attack's validated inputs. variables: the network's, on device; attack_mask: active rows classified
+    correctly (the ones to attack); found: the starting output, where misclassified active rows already count as
+    fooled."""
+    variables: object
     images: jax.Array
     labels: jax.Array
     ids: jax.Array
@@ -118,18 +53,19 @@ class Batch(NamedTuple):
     found: AttackOutput
 
 
-def prepare_batch(logits_fn: LogitsFn, images, labels, eps: float, norm: str, example_ids=None,
+def prepare_batch(apply_fn: ApplyFn, variables, images, labels, eps: float, norm: str, example_ids=None,
                   active=None) -> Batch:
     """Check the arguments shared by every attack and classify the clean inputs once."""
-    check_logits_fn(logits_fn)
+    check_apply_fn(apply_fn)
     check_norm(norm)
     eps = jnp.float32(check_eps(eps))
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     ids, mask = default_ids_and_mask(images, example_ids, active)
-    clean_logits = jax.jit(logits_fn)(images)
+    variables = jax.tree.map(jnp.asarray, variables)  # moved to the device once, not at every iteration
+    clean_logits = logits_of(apply_fn, variables, images)
     correct = predicted_correctly(clean_logits, labels)
-    return Batch(images, labels, ids, eps, clean_logits, mask & correct,
+    return Batch(variables, images, labels, ids, eps, clean_logits, mask & correct,
                  AttackOutput(images, mask & ~correct))
 
 

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_target_ranks, example_keys, flat, fold_keys,
-    lp_norm, merge_success, per_example, predicted_correctly, prepare_batch, random_start,
-    resolve_target_ranks, run_fori, use_host_loop)
+    N_TARGET_CLASSES, AttackOutput, check_target_ranks, merge_success, prepare_batch, resolve_target_ranks,
+    run_fori, use_host_loop)
+from mmard_jax.attacks.common import (
+    ApplyFn, example_keys, flat, fold_keys, lp_norm, per_example, per_example_start, predicted_correctly)
 
 NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
 MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
@@ -123,8 +124,7 @@ def _targeted_difference_and_grad(logits_fn, x, labels, targets):
     """z_t - z_y per example (the reference's -(y[la] - y[la_target])) and its input gradient."""
     def total(x_):
         logits = logits_fn(x_)
-        diff = (jnp.take_along_axis(logits, targets[:, None], 1)
-                - jnp.take_along_axis(logits, labels[:, None], 1))[:, 0]
+        diff = losses.class_logit(logits, targets) - losses.class_logit(logits, labels)
         return jnp.sum(diff), diff
     (_, diff), grad = jax.value_and_grad(total, has_aux=True)(x)
     return diff, grad
@@ -132,8 +132,9 @@ def _targeted_difference_and_grad(logits_fn, x, labels, targets):
 
 @functools.partial(jax.jit, static_argnames=("norm", "start_randomly"))
 def _fab_init(norm: str, start_randomly: bool, x, keys, eps, random_start_scale):
-    """Start at x, or (restarts after the first) at x + scale * eps * t / ||t||, clipped to [0, 1]."""
-    x1 = random_start(keys, x, random_start_scale * eps, norm) if start_randomly else x
+    """Start at x, or (restarts after the first) on the sphere of radius scale * eps around x, clipped to [0, 1]."""
+    radius = random_start_scale * eps
+    x1 = per_example_start(keys, x, eps=radius, init="sphere", norm=norm) if start_randomly else x
     return x1, x, jnp.full((x.shape[0],), NO_DISTANCE, x.dtype)
 
 
@@ -141,16 +142,17 @@ def _fab_init(norm: str, start_randomly: bool, x, keys, eps, random_start_scale)
 class _FabStep:
     """One FAB iteration: linearise z_t - z_y at x1, project x1 and x onto that hyperplane, take the
     biased extrapolated step, keep the closest adversarial point and step back towards x after a success."""
-    logits_fn: LogitsFn
+    apply_fn: ApplyFn
     settings: _Settings
 
     def __call__(self, consts, _, carry):
         s = self.settings
-        x, labels, targets = consts
+        variables, x, labels, targets = consts
+        logits_fn = functools.partial(self.apply_fn, variables)
         project = jax.vmap(_PROJECTIONS[s.norm])
         x1, best, best_distance = carry
         x0 = flat(x)
-        diff, grad = _targeted_difference_and_grad(self.logits_fn, x1, labels, targets)
+        diff, grad = _targeted_difference_and_grad(logits_fn, x1, labels, targets)
         w = flat(grad)
         b = -diff + jnp.sum(w * flat(x1), axis=1)
         d1 = project(flat(x1), w, b)
@@ -160,7 +162,7 @@ class _FabStep:
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, s.alpha_max)[:, None]
         x1_flat = jnp.clip((flat(x1) + s.eta * d1) * (1 - alpha) + (x0 + s.eta * d2) * alpha, 0.0, 1.0)
         x1 = x1_flat.reshape(x.shape)
-        is_adv = ~predicted_correctly(self.logits_fn(x1), labels)
+        is_adv = ~predicted_correctly(logits_fn(x1), labels)
         distance = lp_norm(x1 - x, s.norm)
         closer = is_adv & (distance < best_distance)
         best = jnp.where(per_example(closer, x), x1, best)
@@ -169,26 +171,26 @@ class _FabStep:
         return x1, best, best_distance
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm"))
-def _fab_finish(logits_fn: LogitsFn, norm: str, x, labels, best, best_distance, eps, attack_mask):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
+def _fab_finish(apply_fn: ApplyFn, norm: str, variables, x, labels, best, best_distance, eps, attack_mask):
     """Reference `perturb`: a success must be misclassified and within eps."""
     candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
-    fooled = (attack_mask & ~predicted_correctly(logits_fn(candidate), labels)
+    fooled = (attack_mask & ~predicted_correctly(apply_fn(variables, candidate), labels)
               & (lp_norm(candidate - x, norm) <= eps))
     return AttackOutput(jnp.where(per_example(fooled, x), candidate, x), fooled)
 
 
-def _fab_targeted_single_run(logits_fn: LogitsFn, settings: _Settings, start_randomly: bool,
-                             random_start_scale: float, x, labels, targets, keys, eps, attack_mask,
+def _fab_targeted_single_run(apply_fn: ApplyFn, settings: _Settings, start_randomly: bool,
+                             random_start_scale: float, variables, x, labels, targets, keys, eps, attack_mask,
                              host: bool) -> AttackOutput:
     """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
     state = _fab_init(settings.norm, start_randomly, x, keys, eps, random_start_scale)
-    _, best, best_distance = run_fori(_FabStep(logits_fn, settings), settings.n_iter,
-                                      (x, labels, targets), state, host)
-    return _fab_finish(logits_fn, settings.norm, x, labels, best, best_distance, eps, attack_mask)
+    _, best, best_distance = run_fori(_FabStep(apply_fn, settings), settings.n_iter,
+                                      (variables, x, labels, targets), state, host)
+    return _fab_finish(apply_fn, settings.norm, variables, x, labels, best, best_distance, eps, attack_mask)
 
 
-def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
+def fab_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
                  norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  random_start_scale: float = 0.5, target_ranks=None, loop: str = "auto",
@@ -199,10 +201,11 @@ def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: fl
     beta = 0.9 (backward step), 100 iterations, 9 targets (ranks 2..10 of the clean logits), 1 restart.
     Restarts after the first start at x + random_start_scale * eps * t / ||t|| (reference: 0.5).
     Only examples found within eps count as fooled. `target_ranks` runs only the given ranks instead.
-    Needs more classes than the largest target rank. `loop`: see common.use_host_loop.
+    Needs more classes than the largest target rank. `loop`: see common.use_host_loop. The network is
+    ``apply_fn(variables, x) -> logits`` (see `apgd`).
     """
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
-    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     check_target_ranks(ranks, batch.clean_logits.shape[-1])
     keys, found = example_keys(key, batch.ids), batch.found
     settings = _Settings(norm, n_iter, alpha_max, eta, beta)
@@ -212,7 +215,7 @@ def fab_targeted(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: fl
         for restart in range(n_restarts):
             attacked = batch.attack_mask & ~found.fooled
             new = _fab_targeted_single_run(
-                logits_fn, settings, restart > 0, random_start_scale, batch.images, batch.labels,
+                apply_fn, settings, restart > 0, random_start_scale, batch.variables, batch.images, batch.labels,
                 targets, fold_keys(fold_keys(keys, rank), restart), batch.eps, attacked, host)
             found = merge_success(found, new, attacked)
     return found

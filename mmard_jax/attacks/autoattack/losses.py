@@ -1,4 +1,4 @@
-"""Per-example losses of AutoAttack: CE, DLR, targeted DLR and the Square margin.
+"""The losses AutoAttack adds to `mmard_jax.losses` (whose cross-entropy and margin it uses): DLR, targeted DLR.
 
 All functions take logits [B, K] and integer labels [B] and return one value per example [B].
 DLR and targeted DLR follow Croce & Hein (2020), "Reliable evaluation of adversarial robustness
@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from mmard_jax.losses import margin
 
 DLR_DENOMINATOR_EPS = 1e-12  # reference: the `+ 1e-12` in dlr_loss / dlr_loss_targeted
 
 
-def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-
-
-def largest_other_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """max_{j != y} z_j for each example."""
-    is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    return jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy per example (the loss of APGD-CE)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def class_logit(logits: jax.Array, classes: jax.Array) -> jax.Array:
+    """z_c for each example's class c: [B]."""
+    return jnp.take_along_axis(logits, classes[:, None], axis=1)[:, 0]
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array,
@@ -35,8 +26,7 @@ def dlr_loss(logits: jax.Array, labels: jax.Array,
     pi sorts the logits in decreasing order (Croce & Hein 2020, Sec. 4, eq. 6). Needs >= 3 classes.
     """
     ordered = jnp.sort(logits, axis=-1)
-    margin = _label_logit(logits, labels) - largest_other_logit(logits, labels)
-    return -margin / (ordered[:, -1] - ordered[:, -3] + denominator_eps)
+    return -margin(logits, labels) / (ordered[:, -1] - ordered[:, -3] + denominator_eps)
 
 
 def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array,
@@ -46,14 +36,9 @@ def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array,
     Croce & Hein (2020), Sec. 4 ("targeted DLR loss"). Needs >= 4 classes.
     """
     ordered = jnp.sort(logits, axis=-1)
-    difference = _label_logit(logits, labels) - _label_logit(logits, targets)
+    difference = class_logit(logits, labels) - class_logit(logits, targets)
     scale = ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + denominator_eps
     return -difference / scale
-
-
-def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """z_y - max_{j!=y} z_j: positive iff correctly classified (the loss Square minimises)."""
-    return _label_logit(logits, labels) - largest_other_logit(logits, labels)
 
 
 def ranked_class(logits: jax.Array, rank: int) -> jax.Array:

@@ -16,14 +16,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from mmard_jax import parallel
 from mmard_jax.attacks.autoattack.apgd import apgd, apgd_targeted
-from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, LogitsFn, check_eps, check_logits_fn, check_norm, lp_norm,
-    predicted_correctly, resolve_target_ranks)
+from mmard_jax.attacks.autoattack.common import N_TARGET_CLASSES, AttackOutput, check_eps, resolve_target_ranks
 from mmard_jax.attacks.autoattack.fab import fab_targeted
 from mmard_jax.attacks.autoattack.square import square_attack
+from mmard_jax.attacks.common import ApplyFn, check_apply_fn, check_norm, logits_of, lp_norm, predicted_correctly
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # reference set_version('standard')
 RECHECK_TOLERANCE = 1e-6       # slack on ||x_adv - x|| <= eps for float32 rounding
@@ -43,8 +43,8 @@ class AutoAttackResult:
     log_lines: list[str]
 
 
-def _apgd_ce(logits_fn, images, labels, key, **kwargs) -> AttackOutput:
-    return apgd(logits_fn, images, labels, key, loss="ce", **kwargs)
+def _apgd_ce(apply_fn, variables, images, labels, key, **kwargs) -> AttackOutput:
+    return apgd(apply_fn, variables, images, labels, key, loss="ce", **kwargs)
 
 
 _ATTACK_FUNCTIONS: dict[str, Callable[..., AttackOutput]] = {
@@ -68,28 +68,25 @@ def _override_name(attack: str) -> str:
     return attack.replace("-", "_")
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm"))
-def _valid_adversarial(logits_fn: LogitsFn, norm: str, images, adversarial, labels, eps, tolerance):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
+def _valid_adversarial(apply_fn: ApplyFn, norm: str, variables, images, adversarial, labels, eps, tolerance):
     in_ball = lp_norm(adversarial - images, norm) <= eps + tolerance
     axes = tuple(range(1, images.ndim))
     in_box = jnp.all((adversarial >= 0.0) & (adversarial <= 1.0), axis=axes)
     finite = jnp.all(jnp.isfinite(adversarial), axis=axes)
-    return in_ball & in_box & finite & ~predicted_correctly(logits_fn(adversarial), labels)
+    return in_ball & in_box & finite & ~predicted_correctly(apply_fn(variables, adversarial), labels)
 
 
-def verify_adversarial(logits_fn: LogitsFn, images, adversarial, labels, *, eps: float,
+def verify_adversarial(apply_fn: ApplyFn, variables, images, adversarial, labels, *, eps: float,
                        norm: str = "linf", tolerance: float = RECHECK_TOLERANCE) -> np.ndarray:
-    """bool [N]: adversarial[i] is within eps (+ tolerance) of images[i], in [0, 1] and misclassified."""
+    """bool [N]: adversarial[i] is within eps (+ tolerance) of images[i], in [0, 1] and misclassified by
+    ``apply_fn(variables, .)``."""
+    check_apply_fn(apply_fn)
     check_norm(norm)
-    valid = _valid_adversarial(logits_fn, norm, jnp.asarray(images, jnp.float32),
+    valid = _valid_adversarial(apply_fn, norm, variables, jnp.asarray(images, jnp.float32),
                                jnp.asarray(adversarial, jnp.float32), jnp.asarray(labels, jnp.int32),
                                jnp.float32(check_eps(eps)), jnp.float32(tolerance))
     return np.asarray(valid)
-
-
-@functools.partial(jax.jit, static_argnames=("logits_fn",))
-def _correct(logits_fn: LogitsFn, images, labels):
-    return predicted_correctly(logits_fn(images), labels)
 
 
 def _padded_size(n: int, batch_size: int, n_devices: int) -> int:
@@ -102,13 +99,12 @@ def _padded_size(n: int, batch_size: int, n_devices: int) -> int:
 
 
 class _Batches:
-    """Fixed-shape, sharded batches of chosen rows; padded rows are masked out by `active`."""
+    """Fixed-shape batches of chosen rows, split over the mesh's data axis; padded rows are masked out by `active`."""
 
-    def __init__(self, batch_size: int):
-        devices = jax.devices()
-        self.n_devices = len(devices)
+    def __init__(self, batch_size: int, mesh: Mesh):
+        self.n_devices = mesh.shape[parallel.DATA_AXIS]
         self.batch_size = -(-batch_size // self.n_devices) * self.n_devices
-        self.sharding = NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
+        self.sharding = parallel.batch_sharded(mesh)
 
     def split(self, rows: np.ndarray) -> list[np.ndarray]:
         return [rows[i:i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
@@ -164,20 +160,25 @@ def _check_inputs(images: np.ndarray, labels: np.ndarray, batch_size: int) -> No
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
 
 
-def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str = "linf",
+def run_autoattack(apply_fn: ApplyFn, variables, images, labels, *, eps: float, norm: str = "linf",
                    version: str = "standard", seed: int = 0, batch_size: int = 500,
                    attacks: tuple[str, ...] | None = None, progress: bool = False,
-                   log: Callable[[str], None] | None = print,
+                   log: Callable[[str], None] | None = print, mesh: Mesh | None = None,
                    **attack_overrides: dict) -> AutoAttackResult:
     """Run AutoAttack ('standard': APGD-CE, APGD-T, FAB-T, Square) on (images, labels).
 
-    logits_fn: pure JAX function of float NHWC images in [0, 1] returning logits. Each attack runs
+    The network is ``apply_fn(variables, x) -> logits`` on float NHWC images in [0, 1], e.g.
+    `networks.inference_apply(module)` and a Flax module's variables. ``apply_fn`` is a static argument of the
+    compiled programs (hashable; equal ones share them, so pass the same object, or objects equal by value, for
+    every network of an architecture) and ``variables`` a traced one, replicated over ``mesh``: one compilation
+    serves every network of the same architecture and shapes. Each attack runs
     only on the points still robust, in batches of `batch_size` (rounded up to a multiple of the
-    device count) sharded over all devices. `attacks` picks and orders a subset; per-attack
-    parameters are overridden with e.g. apgd_ce=dict(n_iter=10), square=dict(n_queries=500).
-    Same seed, same result: every example's random numbers come from the seed and its index.
+    mesh's data axis) split over ``mesh`` (default `parallel.make_mesh()`: all devices). `attacks` picks and
+    orders a subset; per-attack parameters are overridden with e.g. apgd_ce=dict(n_iter=10),
+    square=dict(n_queries=500). Same seed, same result: every example's random numbers come from the seed
+    and its index.
     """
-    check_logits_fn(logits_fn)
+    check_apply_fn(apply_fn)
     norm = check_norm(norm)
     eps = check_eps(eps)
     images_np = np.asarray(images, np.float32)
@@ -185,7 +186,9 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
     _check_inputs(images_np, labels_np, batch_size)
     plan = _attack_plan(version, attacks)
     settings = _attack_settings(plan, attack_overrides)
-    batches = _Batches(batch_size)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    batches = _Batches(batch_size, mesh)
+    variables = parallel.replicate(variables, mesh)
     lines: list[str] = []
 
     def emit(message: str) -> None:
@@ -198,7 +201,7 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
     robust = np.zeros(n, bool)
     for rows in batches.split(np.arange(n)):
         (x, y), _, _ = batches.place(rows, images_np, labels_np)
-        robust[rows] = np.asarray(_correct(logits_fn, x, y))[:rows.size]
+        robust[rows] = np.asarray(predicted_correctly(logits_of(apply_fn, variables, x), y))[:rows.size]
     clean_accuracy = float(robust.mean())
     emit(f"initial accuracy: {clean_accuracy:.2%}")
 
@@ -216,10 +219,10 @@ def run_autoattack(logits_fn: LogitsFn, images, labels, *, eps: float, norm: str
                 chunks = tqdm.tqdm(chunks, desc=label)
             for index, rows in enumerate(chunks):
                 (x, y), ids, active = batches.place(rows, images_np, labels_np)
-                out = _ATTACK_FUNCTIONS[attack](logits_fn, x, y, key, eps=eps, norm=norm,
+                out = _ATTACK_FUNCTIONS[attack](apply_fn, variables, x, y, key, eps=eps, norm=norm,
                                                 example_ids=ids, active=active, **kwargs)
                 claimed = np.asarray(out.fooled)[:rows.size]
-                valid = np.asarray(_valid_adversarial(logits_fn, norm, x, out.adversarial, y,
+                valid = np.asarray(_valid_adversarial(apply_fn, norm, variables, x, out.adversarial, y,
                                                       jnp.float32(eps), jnp.float32(RECHECK_TOLERANCE)))
                 accepted = claimed & valid[:rows.size]
                 rejected = int(np.sum(claimed & ~accepted))

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmard_jax.attacks.autoattack import losses
-from mmard_jax.attacks.autoattack.common import (
-    NORMALIZE_EPS, AttackOutput, LogitsFn, example_keys, fold_keys, merge_success, per_example, predicted_correctly,
-    prepare_batch, project, run_while, use_host_loop)
+from mmard_jax.attacks.autoattack.common import AttackOutput, merge_success, prepare_batch, run_while, use_host_loop
+from mmard_jax.attacks.common import (
+    NORMALIZE_EPS, ApplyFn, example_keys, fold_keys, per_example, predicted_correctly, project)
+from mmard_jax.losses import margin
 
 # Reference `p_selection`: p = p_init / divisor once the iteration exceeds the bound (10 < it <= 50: /2, ...).
 P_SCHEDULE_BOUNDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -191,12 +191,12 @@ def _l2_init(key, x, eps):
     return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta ** 2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm"))
-def _square_init(logits_fn: LogitsFn, norm: str, x, labels, keys, eps):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
+def _square_init(apply_fn: ApplyFn, norm: str, variables, x, labels, keys, eps):
     init = _linf_init if norm == "linf" else _l2_init
     x_best = jax.vmap(init, in_axes=(0, 0, None))(keys, x, eps)
-    margin = losses.margin_loss(logits_fn(x_best), labels)
-    return x_best, margin, margin
+    margin_min = margin(apply_fn(variables, x_best), labels)
+    return x_best, margin_min, margin_min
 
 
 def _left_to_fool(attack_mask, margin_min):
@@ -213,20 +213,20 @@ class _AnyLeft:
 class _SquareStep:
     """One query: a random square-shaped change of x_best, kept if the margin loss drops or the point is
     misclassified. Rows already fooled (margin <= 0) or masked out are left unchanged."""
-    logits_fn: LogitsFn
+    apply_fn: ApplyFn
     settings: _Settings
 
     def __call__(self, consts, i, state):
-        x, labels, keys, eps, attack_mask = consts
+        variables, x, labels, keys, eps, attack_mask = consts
         x_best, margin_min, loss_min = state
         active = _left_to_fool(attack_mask, margin_min)
         x_new = self.propose(fold_keys(keys, i), i, x, x_best, eps)
-        margin = losses.margin_loss(self.logits_fn(x_new), labels)
-        loss = margin
+        new_margin = margin(self.apply_fn(variables, x_new), labels)
+        loss = new_margin
         improved = loss < loss_min
         loss_min = jnp.where(active & improved, loss, loss_min)
-        accept = active & (improved | (margin <= 0.0))
-        margin_min = jnp.where(accept, margin, margin_min)
+        accept = active & (improved | (new_margin <= 0.0))
+        margin_min = jnp.where(accept, new_margin, margin_min)
         x_best = jnp.where(per_example(accept, x), x_new, x_best)
         return x_best, margin_min, loss_min
 
@@ -249,27 +249,27 @@ class _SquareStep:
             keys, jnp.asarray(distinct)[k], jnp.asarray(tiles)[k], x, x_best, eps)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn",))
-def _square_finish(logits_fn: LogitsFn, x, labels, x_best, attack_mask):
-    fooled = attack_mask & ~predicted_correctly(logits_fn(x_best), labels)
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attack_mask):
+    fooled = attack_mask & ~predicted_correctly(apply_fn(variables, x_best), labels)
     return AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled)
 
 
-def _square_single_run(logits_fn: LogitsFn, settings: _Settings, x, labels, keys, eps,
+def _square_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, labels, keys, eps,
                        attack_mask, host: bool) -> AttackOutput:
     """One Square run (reference `attack_single_run`, margin loss) over a fixed-shape batch.
 
     Each iteration costs one forward pass; the loop stops once no row is left to fool. Randomness
     is drawn per example.
     """
-    state = _square_init(logits_fn, settings.norm, x, labels, fold_keys(keys, settings.n_queries), eps)
-    consts = (x, labels, keys, eps, attack_mask)
-    x_best, _, _ = run_while(_SquareStep(logits_fn, settings), _AnyLeft(), settings.n_queries, consts,
+    state = _square_init(apply_fn, settings.norm, variables, x, labels, fold_keys(keys, settings.n_queries), eps)
+    consts = (variables, x, labels, keys, eps, attack_mask)
+    x_best, _, _ = run_while(_SquareStep(apply_fn, settings), _AnyLeft(), settings.n_queries, consts,
                              state, host)
-    return _square_finish(logits_fn, x, labels, x_best, attack_mask)
+    return _square_finish(apply_fn, variables, x, labels, x_best, attack_mask)
 
 
-def square_attack(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: float,
+def square_attack(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
                   norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
                   rescale_schedule: bool = False, loop: str = "auto", example_ids=None,
                   active=None) -> AttackOutput:
@@ -280,18 +280,19 @@ def square_attack(logits_fn: LogitsFn, images, labels, key: jax.Array, *, eps: f
     Needs images [B, H, W, C] (NHWC), at least 5 pixels high for L2. Unlike the reference, which
     shares one window position, tile orientation and sign per batch and iteration (L2: one
     orientation per tile), every example draws its own (the paper's per-image sampling), so results
-    do not depend on the batch an example sits in. `loop`: see common.use_host_loop.
+    do not depend on the batch an example sits in. `loop`: see common.use_host_loop. The network is
+    ``apply_fn(variables, x) -> logits`` (see `apgd`).
     """
     if np.ndim(images) != 4:
         raise ValueError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
-    batch = prepare_batch(logits_fn, images, labels, eps, norm, example_ids, active)
+    batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     keys, found = example_keys(key, batch.ids), batch.found
     settings = _Settings(n_queries, p_init, rescale_schedule, norm)
     if norm == "l2":
         l2_init_tiles(*np.shape(images)[1:3])  # fails early on images too small for the L2 grid
     for restart in range(n_restarts):
         attacked = batch.attack_mask & ~found.fooled
-        new = _square_single_run(logits_fn, settings, batch.images, batch.labels,
+        new = _square_single_run(apply_fn, settings, batch.variables, batch.images, batch.labels,
                                  fold_keys(keys, restart), batch.eps, attacked,
                                  use_host_loop(loop, host_on_cpu=False))
         found = merge_success(found, new, attacked)
