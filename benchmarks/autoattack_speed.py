@@ -8,6 +8,7 @@ many points stay robust after each attack, so the figure is per 1,000 examples o
     PYTHONPATH=. python benchmarks/autoattack_speed.py --reference-path /tmp/auto-attack \
         --n-examples 100 --output benchmarks/results/autoattack_speed.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,20 @@ def main() -> None:
     timings = {"reference": [], "ours": []}  # (wall s, process CPU s) per round
     for _ in range(args.rounds):  # alternate, so that a busy spell on the machine hits both
         wall, cpu = time.time(), time.process_time()
-        ref_acc, _, _ = twin.run_reference(net, images, labels, eps=args.eps, seed=args.seed,
-                                           batch_size=n, log_path=ref_log)
+        ref_acc, _, _ = twin.run_reference(
+            net, images, labels, eps=args.eps, seed=args.seed, batch_size=n, log_path=ref_log
+        )
         timings["reference"].append((time.time() - wall, time.process_time() - cpu))
         ref_steps = [line for line in ref_log.read_text().splitlines() if "robust accuracy after" in line]
         wall, cpu = time.time(), time.process_time()
-        ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n,
-                              log=None)
+        ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n, log=None)
         timings["ours"].append((time.time() - wall, time.process_time() - cpu))
     ref_log.unlink()
 
     def row(name: str, rounds: list[tuple[float, float]]) -> str:
         walls = ", ".join(f"{w:.1f}" for w, _ in rounds)
         best_wall, best_cpu = min(w for w, _ in rounds), min(c for _, c in rounds)
-        return (f"| {name} | {walls} | {best_wall:.1f} s | {best_wall * 1000 / n:.0f} s | "
-                f"{best_cpu * 1000 / n:.0f} s |")
+        return f"| {name} | {walls} | {best_wall:.1f} s | {best_wall * 1000 / n:.0f} s | {best_cpu * 1000 / n:.0f} s |"
 
     best_ref = min(w for w, _ in timings["reference"])
     best_ours_warm = min(w for w, _ in timings["ours"][1:]) if args.rounds > 1 else float("nan")
@@ -61,14 +61,28 @@ def main() -> None:
         f"(clean {ours.clean_accuracy:.2%})",
         f"- {args.rounds} rounds, reference and ours alternating; our first round includes XLA "
         "compilation. The machine is shared: wall times vary between rounds, so the best round counts.",
-        "", "| run | wall time per round (s) | best wall | best wall per 1,000 ex. | best CPU time per 1,000 ex. |",
-        "|---|---|---|---|---|", row("reference (PyTorch)", timings["reference"]),
+        "",
+        "| run | wall time per round (s) | best wall | best wall per 1,000 ex. | best CPU time per 1,000 ex. |",
+        "|---|---|---|---|---|",
+        row("reference (PyTorch)", timings["reference"]),
         row("ours, all rounds", timings["ours"]),
-        "", f"- speed-up, best reference round / best compiled round of ours: {best_ref / best_ours_warm:.2f}x",
-        f"- speed-up including our compilation (first round): "
-        f"{best_ref / timings['ours'][0][0]:.2f}x", "",
-        "Cumulative times after each attack (last round), reference:", "", "```", *ref_steps, "```", "",
-        "ours:", "", "```", *[line for line in ours.log_lines if "robust accuracy after" in line], "```", ""]
+        "",
+        f"- speed-up, best reference round / best compiled round of ours: {best_ref / best_ours_warm:.2f}x",
+        f"- speed-up including our compilation (first round): {best_ref / timings['ours'][0][0]:.2f}x",
+        "",
+        "Cumulative times after each attack (last round), reference:",
+        "",
+        "```",
+        *ref_steps,
+        "```",
+        "",
+        "ours:",
+        "",
+        "```",
+        *[line for line in ours.log_lines if "robust accuracy after" in line],
+        "```",
+        "",
+    ]
     publish("\n".join(lines), args.output)
 
 

@@ -1,4 +1,5 @@
 """What every benchmark script does with its markdown report: print it, and write it where --out/--output says."""
+
 from __future__ import annotations
 
 from pathlib import Path

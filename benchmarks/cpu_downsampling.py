@@ -16,11 +16,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from benchmark_report import publish
 
 from mmard_jax.losses import cross_entropy
 from mmard_jax.models import create_model
-
-from benchmark_report import publish
 
 
 def input_gradient_time(model, batch: int, repeats: int) -> float:

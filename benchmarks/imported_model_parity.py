@@ -28,12 +28,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax  # noqa: E402
 import torch_twins as twins  # noqa: E402
 from benchmark_report import publish  # noqa: E402
 
-import jax  # noqa: E402
 from configs.mnist5k import get_config as mnist5k_config  # noqa: E402
-
 from mmard_jax import checkpoint as ckpt_lib  # noqa: E402
 from mmard_jax import networks  # noqa: E402
 from mmard_jax.attacks.pgd import ce_attack  # noqa: E402
@@ -60,14 +59,15 @@ def torch_pgd(model, x, y, *, eps, step_size, steps, random_start, generator=Non
 def train_torch_model(images, labels, *, epochs, eps, seed):
     """PGD-AT (5 steps) of the DM WideResNet twin; returns the model in eval mode."""
     torch.manual_seed(seed)
-    model = twins.DMWideResNet(depth=DEPTH, width=WIDTH, activation="swish", mean=MNIST_MEAN, std=MNIST_STD,
-                               in_channels=1)
+    model = twins.DMWideResNet(
+        depth=DEPTH, width=WIDTH, activation="swish", mean=MNIST_MEAN, std=MNIST_STD, in_channels=1
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels).long()
     for _ in range(epochs):
         order = torch.randperm(len(y_all))
         for start in range(0, len(order), 128):
-            x, y = x_all[order[start:start + 128]], y_all[order[start:start + 128]]
+            x, y = x_all[order[start : start + 128]], y_all[order[start : start + 128]]
             model.eval()
             x_adv = torch_pgd(model, x, y, eps=eps, step_size=eps / 4, steps=5, random_start=True)
             model.train()
@@ -83,12 +83,13 @@ def torch_eval(model, images, labels, *, eps, steps, step_size, batch):
     generator = torch.Generator().manual_seed(0)
     logits, pred_det, pred_rand = [], [], []
     for start in range(0, len(labels), batch):
-        x, y = torch.from_numpy(images[start:start + batch]), torch.from_numpy(labels[start:start + batch]).long()
+        x, y = torch.from_numpy(images[start : start + batch]), torch.from_numpy(labels[start : start + batch]).long()
         with torch.no_grad():
             logits.append(model(x).numpy())
         for random_start, out in ((False, pred_det), (True, pred_rand)):
-            x_adv = torch_pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
-                              generator=generator)
+            x_adv = torch_pgd(
+                model, x, y, eps=eps, step_size=step_size, steps=steps, random_start=random_start, generator=generator
+            )
             with torch.no_grad():
                 out.append(model(x_adv).argmax(1).numpy())
     return np.concatenate(logits), np.concatenate(pred_det), np.concatenate(pred_rand)
@@ -105,17 +106,35 @@ def jax_eval(network, images, labels, *, eps, steps, step_size, batch):
         x_rand = ce_attack(logits_fn, x, y, key, init="uniform", **attack)
         return logits_fn(x), logits_fn(x_det).argmax(-1), logits_fn(x_rand).argmax(-1)
 
-    outputs = [run(images[s:s + batch], labels[s:s + batch], jax.random.PRNGKey(s))
-               for s in range(0, len(labels), batch)]
+    outputs = [
+        run(images[s : s + batch], labels[s : s + batch], jax.random.PRNGKey(s)) for s in range(0, len(labels), batch)
+    ]
     return tuple(np.concatenate([np.asarray(o[i]) for o in outputs]) for i in range(3))
 
 
 def import_with_the_command(state_dict_path: str, out_dir: str) -> networks.Network:
     """Runs ``python -m mmard_jax.import_teacher`` as a user does and loads what it wrote."""
-    command = [sys.executable, "-m", "mmard_jax.import_teacher", "--source", state_dict_path, "--model",
-               "dm_wide_resnet", "--model-kwargs", f"depth={DEPTH},widen_factor={WIDTH},activation=swish",
-               "--mean", ",".join(map(str, MNIST_MEAN)), "--std", ",".join(map(str, MNIST_STD)),
-               "--num-classes", "10", "--image-shape", "28,28,1", "--out", out_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "mmard_jax.import_teacher",
+        "--source",
+        state_dict_path,
+        "--model",
+        "dm_wide_resnet",
+        "--model-kwargs",
+        f"depth={DEPTH},widen_factor={WIDTH},activation=swish",
+        "--mean",
+        ",".join(map(str, MNIST_MEAN)),
+        "--std",
+        ",".join(map(str, MNIST_STD)),
+        "--num-classes",
+        "10",
+        "--image-shape",
+        "28,28,1",
+        "--out",
+        out_dir,
+    ]
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     variables, meta = ckpt_lib.load_variables(ckpt_lib.checkpoint_dir(out_dir), "best")
     section = model_config(meta["model"]["name"], **meta["model"]["kwargs"])
@@ -140,8 +159,9 @@ def main() -> None:
     test_nchw = np.ascontiguousarray(test_nhwc.transpose(0, 3, 1, 2))
 
     started = time.time()
-    model = train_torch_model(train_x, np.asarray(data.train.labels), epochs=args.train_epochs, eps=args.eps,
-                              seed=args.seed)
+    model = train_torch_model(
+        train_x, np.asarray(data.train.labels), epochs=args.train_epochs, eps=args.eps, seed=args.seed
+    )
     train_seconds = time.time() - started
     attack = {"eps": args.eps, "steps": 20, "step_size": args.eps / 8, "batch": 200}
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +176,12 @@ def main() -> None:
 
     n = len(test_y)
     rows = [
-        ("clean", acc(t_logits.argmax(1)), acc(j_logits.argmax(1)), int(np.sum(t_logits.argmax(1) != j_logits.argmax(1)))),
+        (
+            "clean",
+            acc(t_logits.argmax(1)),
+            acc(j_logits.argmax(1)),
+            int(np.sum(t_logits.argmax(1) != j_logits.argmax(1))),
+        ),
         ("PGD-20 from x", acc(t_det), acc(j_det), int(np.sum((t_det == test_y) != (j_det == test_y)))),
         ("PGD-20, random start", acc(t_rand), acc(j_rand), int(np.sum((t_rand == test_y) != (j_rand == test_y)))),
     ]

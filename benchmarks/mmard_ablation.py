@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/ablation")
     parser.add_argument("--out", default="")
     parser.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
-    parser.add_argument("--seed", type=int, default=0, help="config.seed of every variant (student init, data order, attacks)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="config.seed of every variant (student init, data order, attacks)"
+    )
     args = parser.parse_args()
     entry.configure_logging()
     chosen = {int(i) for i in args.only.split(",") if i} or set(range(1, len(VARIANTS) + 1))

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from mmard_jax import checks
 from mmard_jax.attacks.common import INITS, NORMS
 from mmard_jax.data.sources import CIFAR_ARCHIVES
 from mmard_jax.data.sources import VALID_SOURCES as DATA_SOURCES
@@ -263,12 +264,11 @@ def student_methods(config) -> tuple[str, ...]:
 
 
 def _fail(field: str, message: str):
-    raise ValueError(f"config.{field}: {message}")
+    checks.fail(f"config.{field}", message)
 
 
 def _check_choice(field: str, value, choices):
-    if value not in choices:
-        _fail(field, f"{value!r} is not one of {', '.join(map(str, choices))}")
+    checks.choice(f"config.{field}", value, choices)
 
 
 def _check_attack(prefix: str, attack) -> None:
@@ -385,10 +385,13 @@ def validate(config, device_count: int = 1) -> RunPlan:
     _check_model("student.model", config.student.model)
     _check_model("teacher.model", config.teacher.model)
     teacher = config.teacher
-    teacher_job = job_plan("teacher", "teacher", teacher.model, teacher.method, teacher.attack, teacher.optim,
-                           "config.teacher.method")
+    teacher_job = job_plan(
+        "teacher", "teacher", teacher.model, teacher.method, teacher.attack, teacher.optim, "config.teacher.method"
+    )
     if teacher.method.name not in TEACHER_FREE_METHODS:
-        _fail("teacher.method.name", f"{teacher.method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}")
+        _fail(
+            "teacher.method.name", f"{teacher.method.name!r}: a teacher is trained with one of {TEACHER_FREE_METHODS}"
+        )
     _check_attack("teacher.attack", teacher.attack)
     _check_optim("teacher.optim", teacher.optim, device_count)
     from mmard_jax import methods
@@ -398,14 +401,25 @@ def validate(config, device_count: int = 1) -> RunPlan:
         if name not in methods.METHOD_NAMES:
             field = "method.name" if name == config.method.name else "baselines"
             _fail(field, f"unknown method {name!r}; valid methods: {', '.join(methods.METHOD_NAMES)}")
-        students.append(job_plan(name, f"students/{name}", config.student.model, student_method_config(config, name),
-                                 config.attack, config.optim))
+        students.append(
+            job_plan(
+                name,
+                f"students/{name}",
+                config.student.model,
+                student_method_config(config, name),
+                config.attack,
+                config.optim,
+            )
+        )
     _check_attack("attack", config.attack)
     _check_optim("optim", config.optim, device_count)
     if not 0.0 <= config.eval.eps <= 1.0:
         _fail("eval.eps", f"{config.eval.eps} must lie in [0, 1]")
     if config.eval.batch_size <= 0 or config.eval.batch_size % device_count:
-        _fail("eval.batch_size", f"{config.eval.batch_size} must be a positive multiple of the device count ({device_count})")
+        _fail(
+            "eval.batch_size",
+            f"{config.eval.batch_size} must be a positive multiple of the device count ({device_count})",
+        )
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", f"{config.eval.num_examples} must be >= 0 (0 = all)")
     for field in ("pgd_step_size", "cw_step_size", "periodic_pgd_step_size"):
@@ -414,7 +428,10 @@ def validate(config, device_count: int = 1) -> RunPlan:
     _check_reach("eval.pgd_step_size", config.eval.pgd_steps, config.eval.pgd_step_size, config.eval.eps)
     _check_reach("eval.cw_step_size", config.eval.cw_steps, config.eval.cw_step_size, config.eval.eps)
     _check_reach(
-        "eval.periodic_pgd_step_size", config.eval.periodic_pgd_steps, config.eval.periodic_pgd_step_size, config.eval.eps
+        "eval.periodic_pgd_step_size",
+        config.eval.periodic_pgd_steps,
+        config.eval.periodic_pgd_step_size,
+        config.eval.eps,
     )
     _check_choice("eval.checkpoint", config.eval.checkpoint, ("best", "last"))
     if config.checkpoint.keep < 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -128,8 +128,17 @@ def import_teacher(args: argparse.Namespace) -> dict:
     out = storage.path(args.out)
     if args.overwrite and (out / "checkpoints").exists():
         (out / "checkpoints").rmtree()
-    ckpt_lib.write_variables(args.out, variables, {"job": "imported", "model": model, "num_classes": num_classes,
-                                                  "source": record["source"], "sha256": record["sha256"]})
+    ckpt_lib.write_variables(
+        args.out,
+        variables,
+        {
+            "job": "imported",
+            "model": model,
+            "num_classes": num_classes,
+            "source": record["source"],
+            "sha256": record["sha256"],
+        },
+    )
     (out / "import.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 

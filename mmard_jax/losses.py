@@ -21,11 +21,11 @@ from jax import lax
 
 Array = jax.Array
 Metrics = dict[str, Array]
-OuterLoss = Callable[['Views', Array, Array], tuple[Array, Metrics]]
+OuterLoss = Callable[["Views", Array, Array], tuple[Array, Metrics]]
 
-KL_REDUCTIONS = ('none', 'mean', 'batchmean', 'sum')
-BOUNDARY_TERMS = ('kl', 'entropy', 'margin')
-TEACHER_VERTICES = ('adversarial', 'natural')
+KL_REDUCTIONS = ("none", "mean", "batchmean", "sum")
+BOUNDARY_TERMS = ("kl", "entropy", "margin")
+TEACHER_VERTICES = ("adversarial", "natural")
 _NORM_FLOOR = 1e-12
 
 
@@ -40,7 +40,7 @@ class Views(NamedTuple):
 
 def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f'{name}={value!r} is not supported; use one of {options}.')
+        raise ValueError(f"{name}={value!r} is not supported; use one of {options}.")
 
 
 def log_probs(logits: Array, temperature: float = 1.0) -> Array:
@@ -61,23 +61,23 @@ def reduce_per_example(per_example: Array, reduction: str, num_classes: int) -> 
 
     'none' keeps [B]; 'mean' is the mean over B·C elements (PyTorch's default); 'batchmean' is sum / B; 'sum'.
     """
-    _check_choice('reduction', reduction, KL_REDUCTIONS)
-    if reduction == 'none':
+    _check_choice("reduction", reduction, KL_REDUCTIONS)
+    if reduction == "none":
         return per_example
     total = jnp.sum(per_example)
-    if reduction == 'sum':
+    if reduction == "sum":
         return total
-    if reduction == 'batchmean':
+    if reduction == "batchmean":
         return total / per_example.shape[0]
     return total / (per_example.size * num_classes)
 
 
-def kl_div(p_logits: Array, q_logits: Array, *, temperature: float = 1.0, reduction: str = 'none') -> Array:
+def kl_div(p_logits: Array, q_logits: Array, *, temperature: float = 1.0, reduction: str = "none") -> Array:
     """``KL(softmax(p/τ) ‖ softmax(q/τ))`` summed over classes, then reduced (see `reduce_per_example`).
 
     No τ² factor: callers that want Hinton's scaling multiply by it. Gradients flow into both arguments.
     """
-    _check_choice('reduction', reduction, KL_REDUCTIONS)
+    _check_choice("reduction", reduction, KL_REDUCTIONS)
     log_p = log_probs(p_logits, temperature)
     log_q = log_probs(q_logits, temperature)
     per_example = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -123,8 +123,15 @@ def _same_class_negatives(row_labels: Array, column_labels: Array, positives: Ar
     return same & (jnp.arange(column_labels.shape[0])[None, :] != positives[:, None])
 
 
-def info_nce(u: Array, v: Array, labels: Array | None = None, *, tau: float = 0.5, mask_same_class: bool = True,
-             axis_name: str | None = None) -> Array:
+def info_nce(
+    u: Array,
+    v: Array,
+    labels: Array | None = None,
+    *,
+    tau: float = 0.5,
+    mask_same_class: bool = True,
+    axis_name: str | None = None,
+) -> Array:
     """Symmetric InfoNCE ``N(u, v)`` over the batch (docs/method.md §3.2); ``I(u; v) ≥ log B − N(u, v)``.
 
     Rows are centred over classes and L2-normalised, ``s_ij = ũ_i · ṽ_j / tau``, and
@@ -138,7 +145,7 @@ def info_nce(u: Array, v: Array, labels: Array | None = None, *, tau: float = 0.
     the gather).
     """
     if mask_same_class and labels is None:
-        raise ValueError('info_nce: mask_same_class=True needs labels; pass labels or mask_same_class=False.')
+        raise ValueError("info_nce: mask_same_class=True needs labels; pass labels or mask_same_class=False.")
     u, v = _centred_unit(u), _centred_unit(v)
     all_u, all_v, all_labels, offset = u, v, labels, 0
     if axis_name is not None:
@@ -187,10 +194,10 @@ def boundary_term(views: Views, labels: Array, kind: str) -> Array:
 
     'kl': ``KL(p_T(x) ‖ p_T(x'))``; 'entropy': ``H(p_T(x'))``; 'margin': ``−|z_T,y(x') − max_{j≠y} z_T,j(x')|``.
     """
-    _check_choice('boundary', kind, BOUNDARY_TERMS)
-    if kind == 'kl':
+    _check_choice("boundary", kind, BOUNDARY_TERMS)
+    if kind == "kl":
         return kl_div(views.teacher_nat, views.teacher_adv)
-    if kind == 'entropy':
+    if kind == "entropy":
         return entropy(views.teacher_adv)
     return -jnp.abs(margin(views.teacher_adv, labels))
 
@@ -207,30 +214,38 @@ def pgd_at_outer(views: Views, labels: Array, epoch: Array) -> tuple[Array, Metr
     """PGD-AT (Madry): ``mean CE(S(x'), y)``."""
     del epoch
     ce_adv = jnp.mean(cross_entropy(views.student_adv, labels))
-    return ce_adv, {'ce_adv': ce_adv}
+    return ce_adv, {"ce_adv": ce_adv}
 
 
-def trades_outer(views: Views, labels: Array, epoch: Array, *, beta: float,
-                 reduction: str) -> tuple[Array, Metrics]:
+def trades_outer(views: Views, labels: Array, epoch: Array, *, beta: float, reduction: str) -> tuple[Array, Metrics]:
     """TRADES: ``mean CE(S(x), y) + β · KL(p_S(x) ‖ p_S(x'))`` (reference: KL summed / B = 'batchmean')."""
     del epoch
     ce_nat = jnp.mean(cross_entropy(views.student_nat, labels))
     kl_adv = kl_div(views.student_nat, views.student_adv, reduction=reduction)
-    return ce_nat + beta * kl_adv, {'ce_nat': ce_nat, 'kl_adv': kl_adv}
+    return ce_nat + beta * kl_adv, {"ce_nat": ce_nat, "kl_adv": kl_adv}
 
 
-def ard_outer(views: Views, labels: Array, epoch: Array, *, alpha: float, temperature: float,
-              reduction: str) -> tuple[Array, Metrics]:
+def ard_outer(
+    views: Views, labels: Array, epoch: Array, *, alpha: float, temperature: float, reduction: str
+) -> tuple[Array, Metrics]:
     """ARD: ``a · τ² · KL(p_T(x; τ) ‖ p_S(x'; τ)) + (1 − a) · mean CE(S(x), y)``; metric 'kl_adv' includes τ²."""
     del epoch
-    kl_adv = temperature**2 * kl_div(views.teacher_nat, views.student_adv, temperature=temperature,
-                                     reduction=reduction)
+    kl_adv = temperature**2 * kl_div(views.teacher_nat, views.student_adv, temperature=temperature, reduction=reduction)
     ce_nat = jnp.mean(cross_entropy(views.student_nat, labels))
-    return alpha * kl_adv + (1.0 - alpha) * ce_nat, {'kl_adv': kl_adv, 'ce_nat': ce_nat}
+    return alpha * kl_adv + (1.0 - alpha) * ce_nat, {"kl_adv": kl_adv, "ce_nat": ce_nat}
 
 
-def iad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float, temperature: float, reduction: str,
-              beta: float, warmup_epochs: int) -> tuple[Array, Metrics]:
+def iad_outer(
+    views: Views,
+    labels: Array,
+    epoch: Array,
+    *,
+    alpha: float,
+    temperature: float,
+    reduction: str,
+    beta: float,
+    warmup_epochs: int,
+) -> tuple[Array, Metrics]:
     """IAD-I: ARD's loss ``+ a · reduce_i[(1 − w_i) · KL(p_S(x_i) ‖ p_S(x'_i))]``, ``w_i = p_T(x'_i)[y_i]^β``.
 
     The extra term is on from ``epoch >= warmup_epochs`` (``epoch`` may be traced); it is reduced like the
@@ -242,53 +257,79 @@ def iad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float, temper
     self_kl = kl_div(views.student_nat, views.student_adv)
     kl_self = reduce_per_example((1.0 - reliability) * self_kl, reduction, views.student_nat.shape[-1])
     kl_self = jnp.where(epoch >= warmup_epochs, kl_self, 0.0)
-    return ard_loss + alpha * kl_self, {**metrics, 'kl_self': kl_self}
+    return ard_loss + alpha * kl_self, {**metrics, "kl_self": kl_self}
 
 
-def _adv_nat_kl(teacher_for_adv: Array, views: Views, *, adv_weight: float,
-                reduction: str) -> tuple[Array, Metrics]:
+def _adv_nat_kl(teacher_for_adv: Array, views: Views, *, adv_weight: float, reduction: str) -> tuple[Array, Metrics]:
     """``w · KL(teacher_for_adv ‖ p_S(x')) + (1 − w) · KL(p_T(x) ‖ p_S(x))``."""
     kl_adv = kl_div(teacher_for_adv, views.student_adv, reduction=reduction)
     kl_nat = kl_div(views.teacher_nat, views.student_nat, reduction=reduction)
-    return adv_weight * kl_adv + (1.0 - adv_weight) * kl_nat, {'kl_adv': kl_adv, 'kl_nat': kl_nat}
+    return adv_weight * kl_adv + (1.0 - adv_weight) * kl_nat, {"kl_adv": kl_adv, "kl_nat": kl_nat}
 
 
-def rslad_outer(views: Views, labels: Array, epoch: Array, *, adv_weight: float,
-                reduction: str) -> tuple[Array, Metrics]:
+def rslad_outer(
+    views: Views, labels: Array, epoch: Array, *, adv_weight: float, reduction: str
+) -> tuple[Array, Metrics]:
     """RSLAD: ``w · KL(p_T(x) ‖ p_S(x')) + (1 − w) · KL(p_T(x) ‖ p_S(x))``, w = 5/6."""
     del labels, epoch
     return _adv_nat_kl(views.teacher_nat, views, adv_weight=adv_weight, reduction=reduction)
 
 
-def adaad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float,
-                reduction: str) -> tuple[Array, Metrics]:
+def adaad_outer(views: Views, labels: Array, epoch: Array, *, alpha: float, reduction: str) -> tuple[Array, Metrics]:
     """AdaAD: ``a · KL(p_T(x') ‖ p_S(x')) + (1 − a) · KL(p_T(x) ‖ p_S(x))``."""
     del labels, epoch
     return _adv_nat_kl(views.teacher_adv, views, adv_weight=alpha, reduction=reduction)
 
 
-def triangle_mi(views: Views, labels: Array, *, weights: tuple[float, float, float], tau: float,
-                mask_same_class: bool, teacher_vertex: str, axis_name: str | None = None) -> tuple[Array, Metrics]:
+def triangle_mi(
+    views: Views,
+    labels: Array,
+    *,
+    weights: tuple[float, float, float],
+    tau: float,
+    mask_same_class: bool,
+    teacher_vertex: str,
+    axis_name: str | None = None,
+) -> tuple[Array, Metrics]:
     """MMARD triangle ``w_ab·N(a, b) + w_at·N(a, t) + w_bt·N(b, t)`` (docs/method.md §3.2).
 
     ``a = S(x)``, ``b = S(x')``, ``t = sg(T(x'))`` for teacher_vertex 'adversarial' or ``sg(T(x))`` for 'natural'.
     ``axis_name``: see `info_nce` (the InfoNCE batch is the global batch).
     """
-    _check_choice('teacher_vertex', teacher_vertex, TEACHER_VERTICES)
-    teacher = views.teacher_adv if teacher_vertex == 'adversarial' else views.teacher_nat
+    _check_choice("teacher_vertex", teacher_vertex, TEACHER_VERTICES)
+    teacher = views.teacher_adv if teacher_vertex == "adversarial" else views.teacher_nat
     vertex_a, vertex_b, vertex_t = views.student_nat, views.student_adv, lax.stop_gradient(teacher)
-    edges = {'mi_ab': (vertex_a, vertex_b), 'mi_at': (vertex_a, vertex_t), 'mi_bt': (vertex_b, vertex_t)}
-    metrics = {name: info_nce(u, v, labels, tau=tau, mask_same_class=mask_same_class, axis_name=axis_name)
-               for name, (u, v) in edges.items()}
+    edges = {"mi_ab": (vertex_a, vertex_b), "mi_at": (vertex_a, vertex_t), "mi_bt": (vertex_b, vertex_t)}
+    metrics = {
+        name: info_nce(u, v, labels, tau=tau, mask_same_class=mask_same_class, axis_name=axis_name)
+        for name, (u, v) in edges.items()
+    }
     total = sum(weight * value for weight, value in zip(weights, metrics.values(), strict=True))
     return total, metrics
 
 
-def mmard_outer(views: Views, labels: Array, epoch: Array, *, base_outer: OuterLoss, beta: float,
-                weights: tuple[float, float, float], tau: float, mask_same_class: bool, teacher_vertex: str,
-                axis_name: str | None = None) -> tuple[Array, Metrics]:
+def mmard_outer(
+    views: Views,
+    labels: Array,
+    epoch: Array,
+    *,
+    base_outer: OuterLoss,
+    beta: float,
+    weights: tuple[float, float, float],
+    tau: float,
+    mask_same_class: bool,
+    teacher_vertex: str,
+    axis_name: str | None = None,
+) -> tuple[Array, Metrics]:
     """MMARD outer: ``base_outer + β · triangle_mi``; β = 0 is the base loss."""
     base_loss, metrics = base_outer(views, labels, epoch)
-    mi, mi_metrics = triangle_mi(views, labels, weights=weights, tau=tau, mask_same_class=mask_same_class,
-                                 teacher_vertex=teacher_vertex, axis_name=axis_name)
+    mi, mi_metrics = triangle_mi(
+        views,
+        labels,
+        weights=weights,
+        tau=tau,
+        mask_same_class=mask_same_class,
+        teacher_vertex=teacher_vertex,
+        axis_name=axis_name,
+    )
     return base_loss + beta * mi, {**metrics, **mi_metrics}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from mmard_jax.models import create_model
 

@@ -133,11 +133,11 @@ def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
 
     panels = (("train_loss", "training loss"), ("clean_acc", "clean accuracy"), ("pgd_acc", "PGD accuracy"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for name, records in histories.items():
             points = [(r["epoch"], r[key]) for r in records if key in r]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

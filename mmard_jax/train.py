@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -30,8 +30,8 @@ from jax.sharding import PartitionSpec as P
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import parallel, reporting, storage
 from mmard_jax.attacks import PGDSpec, example_keys, per_example_start, pgd
-from mmard_jax.data import augment, pipeline
 from mmard_jax.config import JobPlan
+from mmard_jax.data import augment, pipeline
 from mmard_jax.methods import Method, Views
 from mmard_jax.networks import Network, abstract_variables, build_module, inference_logits, init_variables
 
@@ -158,7 +158,9 @@ def adversarial_examples(spec: StepSpec, state: TrainState, teacher_vars, x, lab
             student_adv = student_forward(spec.student, state.params, state.batch_stats, x_adv, train_mode)[0]
         if "teacher_adv" in needs:
             teacher_adv = inference_logits(spec.teacher, teacher_vars, x_adv)
-        views = Views(student_nat=student_nat, student_adv=student_adv, teacher_nat=teacher_nat, teacher_adv=teacher_adv)
+        views = Views(
+            student_nat=student_nat, student_adv=student_adv, teacher_nat=teacher_nat, teacher_adv=teacher_adv
+        )
         return spec.method.inner_loss(views, labels)
 
     x_init = per_example_start(keys, x, **spec.attack.start)  # device-count independent
@@ -458,7 +460,9 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                 evaluation = None
                 last_epoch = epoch + 1 == optim.epochs
                 if eval_fn is not None and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
-                    evaluation = eval_fn(Network(plain_module, {"params": state.params, "batch_stats": state.batch_stats}))
+                    evaluation = eval_fn(
+                        Network(plain_module, {"params": state.params, "batch_stats": state.batch_stats})
+                    )
                     record.update(evaluation)
                 log.write("epoch", step, record)
                 epoch_records.append(record)
@@ -480,7 +484,9 @@ def abstract_batch(dataset, batch_size: int, mesh) -> tuple[jax.ShapeDtypeStruct
     images = dataset.train.images
     return (
         jax.ShapeDtypeStruct((batch_size, *images.shape[1:]), images.dtype, sharding=sharding),
-        jax.ShapeDtypeStruct((batch_size,), jax.dtypes.canonicalize_dtype(dataset.train.labels.dtype), sharding=sharding),
+        jax.ShapeDtypeStruct(
+            (batch_size,), jax.dtypes.canonicalize_dtype(dataset.train.labels.dtype), sharding=sharding
+        ),
     )
 
 

@@ -52,7 +52,7 @@ def install(root: str) -> None:
         path = os.fspath(path)
         for prefix in ("gs://", "gcs://"):
             if path.startswith(prefix):
-                return os.path.join(root, path[len(prefix):])
+                return os.path.join(root, path[len(prefix) :])
         return path
 
     class FakeGCS(DirFileSystem):
@@ -68,7 +68,7 @@ def install(root: str) -> None:
             path = os.fspath(path) if not isinstance(path, str) else path
             for prefix in ("gs://", "gcs://"):
                 if path.startswith(prefix):
-                    return path[len(prefix):].rstrip("/")
+                    return path[len(prefix) :].rstrip("/")
             return path.rstrip("/")
 
     fsspec.register_implementation("gcs", FakeGCS, clobber=True)
@@ -82,8 +82,10 @@ def install(root: str) -> None:
     gcs_utils.is_hierarchical_namespace_enabled = lambda path: False  # a bucket-settings query to the GCS service
 
     builtins.open = _guard(builtins.open)
-    for module, names in ((os, ("makedirs", "mkdir", "stat", "listdir", "remove", "rename", "replace")),
-                          (os.path, ("exists", "isdir", "isfile", "getsize", "abspath", "realpath"))):
+    for module, names in (
+        (os, ("makedirs", "mkdir", "stat", "listdir", "remove", "rename", "replace")),
+        (os.path, ("exists", "isdir", "isfile", "getsize", "abspath", "realpath")),
+    ):
         for name in names:
             setattr(module, name, _guard(getattr(module, name)))
 
@@ -95,4 +97,4 @@ if __name__ == "__main__":
 
     from mmard_jax import main
 
-    app.run(main.main, argv=["mmard_jax.main", *sys.argv[separator + 1:]])
+    app.run(main.main, argv=["mmard_jax.main", *sys.argv[separator + 1 :]])

@@ -3,6 +3,7 @@
 A tiny MLP is trained for about a second on sklearn's bundled 8x8 digits; attacks run with reduced
 iteration counts passed as parameters. A model is a pair (apply_fn, variables), as the attacks take it.
 """
+
 import contextlib
 import functools
 
@@ -17,19 +18,31 @@ from sklearn.datasets import load_digits
 
 from mmard_jax import networks
 from mmard_jax.attacks.autoattack import (
-    apgd, apgd_checkpoints, apgd_targeted, dlr_loss, fab_targeted, project_hyperplane_l2,
-    project_hyperplane_linf, run_autoattack, square_attack, square_sizes, targeted_dlr_loss,
-    verify_adversarial)
+    apgd,
+    apgd_checkpoints,
+    apgd_targeted,
+    dlr_loss,
+    fab_targeted,
+    project_hyperplane_l2,
+    project_hyperplane_linf,
+    run_autoattack,
+    square_attack,
+    square_sizes,
+    targeted_dlr_loss,
+    verify_adversarial,
+)
 from mmard_jax.attacks.autoattack import runner as runner_module
 from mmard_jax.attacks.autoattack import square as square_module
 from mmard_jax.losses import margin
 
 EPS = 0.1
 DEVICE_LOOP = dict(loop="device")  # for an MLP the rolled lax loops beat one dispatch per iteration
-FAST = dict(apgd_ce=dict(n_iter=10, **DEVICE_LOOP),
-            apgd_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP),
-            fab_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP),
-            square=dict(n_queries=100, **DEVICE_LOOP))
+FAST = dict(
+    apgd_ce=dict(n_iter=10, **DEVICE_LOOP),
+    apgd_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP),
+    fab_t=dict(n_iter=10, n_target_classes=3, **DEVICE_LOOP),
+    square=dict(n_queries=100, **DEVICE_LOOP),
+)
 N_EVAL = 48
 BATCH = 32  # every runner test uses it, so each attack compiles for 32 and 16 rows only
 
@@ -63,15 +76,19 @@ class FlaxMLP(nn.Module):
 def _train_mlp(images, labels, seed):
     """MLP parameters trained with Adam on the first 1,500 digits."""
     k1, k2 = jax.random.split(jax.random.key(seed))
-    params = dict(w1=jax.random.normal(k1, (64, 64)) * 0.125, b1=jnp.zeros(64),
-                  w2=jax.random.normal(k2, (64, 10)) * 0.125, b2=jnp.zeros(10))
+    params = dict(
+        w1=jax.random.normal(k1, (64, 64)) * 0.125,
+        b1=jnp.zeros(64),
+        w2=jax.random.normal(k2, (64, 10)) * 0.125,
+        b2=jnp.zeros(10),
+    )
     optimizer = optax.adam(1e-2)
 
     @jax.jit
     def step(params, opt_state):
         def loss(p):
-            return optax.softmax_cross_entropy_with_integer_labels(
-                _mlp(p, images[:1500]), labels[:1500]).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, images[:1500]), labels[:1500]).mean()
+
         grads = jax.grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state
@@ -98,7 +115,7 @@ def model(digits):
 @pytest.fixture(scope="module")
 def eval_set(digits):
     images, labels = digits
-    return images[1500:1500 + N_EVAL], labels[1500:1500 + N_EVAL]
+    return images[1500 : 1500 + N_EVAL], labels[1500 : 1500 + N_EVAL]
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +129,20 @@ def _accuracy(model, images, labels):
 
 def _assert_in_ball_and_box(adversarial, images, eps, norm="linf"):
     delta = (np.asarray(adversarial) - images).reshape(len(images), -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
     assert size.max() <= eps + 1e-6
     assert np.asarray(adversarial).min() >= 0.0 and np.asarray(adversarial).max() <= 1.0
 
 
 # ----------------------------------------------------------------------------- losses and schedules
 def test_dlr_losses_equal_hand_computed_values():
-    logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0],     # label 0 is the top class
-                       [1.0, 4.0, 0.5, 2.0, 3.0]], np.float32)  # label 0 is not the top class
+    logits = np.array(
+        [
+            [3.0, 1.0, 2.0, 0.0, -1.0],  # label 0 is the top class
+            [1.0, 4.0, 0.5, 2.0, 3.0],
+        ],
+        np.float32,
+    )  # label 0 is not the top class
     labels = np.array([0, 0])
     targets = np.array([2, 4])
     # DLR: -(z_y - max_{j != y} z_j) / (z_(1) - z_(3)); sorted rows: [3,2,1,0,-1], [4,3,2,1,0.5].
@@ -129,8 +151,9 @@ def test_dlr_losses_equal_hand_computed_values():
     expected_targeted = [-(3.0 - 2.0) / (3.0 - 0.5 * (1.0 + 0.0)), -(1.0 - 3.0) / (4.0 - 0.5 * (2.0 + 1.0))]
     expected_margin = [3.0 - 2.0, 1.0 - 4.0]
     np.testing.assert_allclose(dlr_loss(jnp.asarray(logits), jnp.asarray(labels)), expected_dlr, rtol=1e-6)
-    np.testing.assert_allclose(targeted_dlr_loss(jnp.asarray(logits), jnp.asarray(labels),
-                                                 jnp.asarray(targets)), expected_targeted, rtol=1e-6)
+    np.testing.assert_allclose(
+        targeted_dlr_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(targets)), expected_targeted, rtol=1e-6
+    )
     np.testing.assert_allclose(margin(jnp.asarray(logits), jnp.asarray(labels)), expected_margin)
 
 
@@ -162,7 +185,7 @@ def _rings_by_definition(rows, cols):
             for j in range(cols):
                 if abs(i - rows // 2) <= k and abs(j - cols // 2) <= k:
                     pattern[i, j] += 1.0 / (k + 1) ** 2
-    return pattern / np.sqrt((pattern ** 2).sum())
+    return pattern / np.sqrt((pattern**2).sum())
 
 
 def test_l2_square_tiles_are_nested_rectangles():
@@ -173,8 +196,8 @@ def test_l2_square_tiles_are_nested_rectangles():
             np.testing.assert_allclose(square_module.nested_rectangles(rows, cols), _rings_by_definition(rows, cols))
     for side in (1, 3, 4, 7):
         tile = square_module.pseudo_gaussian_tile(side)
-        assert tile.shape == (side, side) and np.sum(tile ** 2) == pytest.approx(1.0)
-        assert (tile[:side // 2] > 0).all() and (tile[side // 2:] < 0).all()
+        assert tile.shape == (side, side) and np.sum(tile**2) == pytest.approx(1.0)
+        assert (tile[: side // 2] > 0).all() and (tile[side // 2 :] < 0).all()
     tiles = square_module.l2_init_tiles(28, 28)  # side 5, a 5 x 5 grid from pixel 1
     assert tiles.shape == (25, 2, 28, 28)
     np.testing.assert_allclose(tiles[0, 0, 1:6, 1:6], square_module.pseudo_gaussian_tile(5), rtol=1e-6)
@@ -206,8 +229,8 @@ def _feasible_hyperplane(rng, dim):
     point = rng.uniform(0.05, 0.95, dim)
     w = rng.normal(size=dim)
     w[rng.uniform(size=dim) < 0.2] = 0.0
-    target = np.clip(point + rng.uniform(-0.3, 0.3, dim), 0, 1)   # a point inside the box ...
-    return point, w, float(w @ target)                              # ... on the hyperplane
+    target = np.clip(point + rng.uniform(-0.3, 0.3, dim), 0, 1)  # a point inside the box ...
+    return point, w, float(w @ target)  # ... on the hyperplane
 
 
 def _projections(project, seed, n_cases=10, dim=12):
@@ -226,8 +249,9 @@ def test_linf_hyperplane_projection_matches_linear_program():
         cost = np.r_[np.zeros(dim), 1.0]
         a_ub = np.block([[np.eye(dim), -np.ones((dim, 1))], [-np.eye(dim), -np.ones((dim, 1))]])
         bounds = [(-p, 1 - p) for p in point] + [(0, None)]
-        lp = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * dim), A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ point],
-                     bounds=bounds)
+        lp = linprog(
+            cost, A_ub=a_ub, b_ub=np.zeros(2 * dim), A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ point], bounds=bounds
+        )
         assert lp.status == 0
         assert abs(w @ (point + d) - b) < 1e-4
         assert np.abs(d).max() == pytest.approx(lp.fun, abs=1e-4)
@@ -264,11 +288,10 @@ def test_autoattack_is_at_most_each_attack_which_is_at_most_clean(model, eval_se
     assert result.robust_accuracy < result.clean_accuracy  # eps = 0.1 breaks a plain MLP
     assert result.robust_accuracy == pytest.approx(result.robust_mask.mean())
     for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
-        single = run_autoattack(*model, images, labels, eps=EPS, batch_size=BATCH, attacks=(name,), log=None,
-                                **FAST)
+        single = run_autoattack(*model, images, labels, eps=EPS, batch_size=BATCH, attacks=(name,), log=None, **FAST)
         assert result.robust_accuracy <= single.robust_accuracy <= single.clean_accuracy
     steps = list(result.per_attack.values())
-    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
 
 
 def test_returned_examples_are_valid_and_counted_exactly(model, eval_set, autoattack_result):
@@ -286,10 +309,13 @@ def test_l2_attacks_respect_the_ball_and_the_box(model, eval_set):
     """The L-inf attacks are checked through the runner (test_returned_examples_are_valid...)."""
     images, labels = eval_set
     key, norm, eps = jax.random.key(3), "l2", 0.5
-    outputs = [apgd(*model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
-               fab_targeted(*model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2,
-                            n_restarts=2, **DEVICE_LOOP),
-               square_attack(*model, images, labels, key, eps=eps, norm=norm, n_queries=100, **DEVICE_LOOP)]
+    outputs = [
+        apgd(*model, images, labels, key, eps=eps, norm=norm, n_iter=10, **DEVICE_LOOP),
+        fab_targeted(
+            *model, images, labels, key, eps=eps, norm=norm, n_iter=10, n_target_classes=2, n_restarts=2, **DEVICE_LOOP
+        ),
+        square_attack(*model, images, labels, key, eps=eps, norm=norm, n_queries=100, **DEVICE_LOOP),
+    ]
     for out in outputs:
         _assert_in_ball_and_box(out.adversarial, images, eps, norm)
         predictions = np.argmax(np.asarray(_logits(model, out.adversarial)), -1)
@@ -358,10 +384,26 @@ def test_square_breaks_a_model_that_hides_its_gradients(model, eval_set, norm, e
     images, labels = eval_set
     masked = (_masked_mlp, model[1])
     clean = _accuracy(masked, images, labels)
-    gradient = run_autoattack(*masked, images, labels, eps=eps, norm=norm, attacks=("apgd-ce",), log=None,
-                              apgd_ce=dict(n_iter=10, **DEVICE_LOOP))
-    square = run_autoattack(*masked, images, labels, eps=eps, norm=norm, attacks=("square",), log=None,
-                            square=dict(n_queries=300, **DEVICE_LOOP))
+    gradient = run_autoattack(
+        *masked,
+        images,
+        labels,
+        eps=eps,
+        norm=norm,
+        attacks=("apgd-ce",),
+        log=None,
+        apgd_ce=dict(n_iter=10, **DEVICE_LOOP),
+    )
+    square = run_autoattack(
+        *masked,
+        images,
+        labels,
+        eps=eps,
+        norm=norm,
+        attacks=("square",),
+        log=None,
+        square=dict(n_queries=300, **DEVICE_LOOP),
+    )
     _assert_in_ball_and_box(square.adversarial, images, eps, norm)
     assert square.robust_accuracy <= 0.25 * clean
     assert square.robust_accuracy < gradient.robust_accuracy
@@ -378,15 +420,21 @@ def test_same_seed_same_result_whatever_the_batching(model, eval_set, autoattack
 def test_verify_adversarial_rejects_each_kind_of_invalid_example():
     def apply_fn(variables, x):  # no variables: the prediction is the brightest of three pixels
         return x.reshape(x.shape[0], 3)
+
     images = np.array([[0.5, 0.4, 0.3], [0.5, 0.4, 0.3], [0.98, 0.95, 0.0], [0.5, 0.4, 0.3]], np.float32)
-    adversarial = np.array([[0.4, 0.45, 0.3],    # valid: within 0.1, class 1
-                            [0.3, 0.45, 0.3],    # 0.2 away
-                            [0.98, 1.05, 0.0],   # outside [0, 1]
-                            [0.5, 0.45, 0.3]],   # still class 0
-                           np.float32)
+    adversarial = np.array(
+        [
+            [0.4, 0.45, 0.3],  # valid: within 0.1, class 1
+            [0.3, 0.45, 0.3],  # 0.2 away
+            [0.98, 1.05, 0.0],  # outside [0, 1]
+            [0.5, 0.45, 0.3],
+        ],  # still class 0
+        np.float32,
+    )
     shape = (4, 1, 1, 3)
-    valid = verify_adversarial(apply_fn, None, images.reshape(shape), adversarial.reshape(shape),
-                               np.zeros(4, np.int32), eps=0.1)
+    valid = verify_adversarial(
+        apply_fn, None, images.reshape(shape), adversarial.reshape(shape), np.zeros(4, np.int32), eps=0.1
+    )
     np.testing.assert_array_equal(valid, [True, False, False, False])
 
 
@@ -422,9 +470,11 @@ def test_bad_arguments_raise_value_errors(model, eval_set):
 def test_device_and_host_loops_give_the_same_result(model, eval_set):
     images, labels = eval_set
     key = jax.random.key(5)
-    attacks = [functools.partial(apgd, n_iter=10),  # APGD-T runs the same step
-               functools.partial(fab_targeted, n_iter=10, n_target_classes=1),
-               functools.partial(square_attack, n_queries=50)]
+    attacks = [
+        functools.partial(apgd, n_iter=10),  # APGD-T runs the same step
+        functools.partial(fab_targeted, n_iter=10, n_target_classes=1),
+        functools.partial(square_attack, n_queries=50),
+    ]
     for attack in attacks:
         device = attack(*model, images, labels, key, eps=EPS, loop="device")
         host = attack(*model, images, labels, key, eps=EPS, loop="host")

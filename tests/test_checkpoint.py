@@ -40,8 +40,11 @@ def test_shapes_are_checked_against_orbax_metadata(tmp_path):
     checkpoints.save(1, variables(1, width=3), {"step": 1, "model": {"name": "mlp"}})
     checkpoints.close()
     expected = ckpt_lib.shape_signature(variables(0, width=4))
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match=r"kernel'\]: checkpoint has shape \[2, 3\], "
-                                                                     r"the model needs \[2, 4\]"):
+    with pytest.raises(
+        ckpt_lib.IncompatibleCheckpointError,
+        match=r"kernel'\]: checkpoint has shape \[2, 3\], "
+        r"the model needs \[2, 4\]",
+    ):
         ckpt_lib.load_variables(tmp_path, "best", expected)
     assert ckpt_lib.load_variables(tmp_path, "best", ckpt_lib.shape_signature(variables(0)))[1]["step"] == 1
 
@@ -49,10 +52,13 @@ def test_shapes_are_checked_against_orbax_metadata(tmp_path):
 def test_runs_in_the_earlier_two_folder_layout_still_load_but_do_not_resume(tmp_path):
     """Earlier versions kept latest/<step> and best/<step> with two managers."""
     for sub, steps in (("latest", (4, 5)), ("best", (2,))):
-        manager = ocp.CheckpointManager(tmp_path / sub, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        manager = ocp.CheckpointManager(
+            tmp_path / sub, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        )
         for step in steps:
-            args = ocp.args.Composite(state=ocp.args.StandardSave(variables(step)),
-                                      meta=ocp.args.JsonSave({"step": step}))
+            args = ocp.args.Composite(
+                state=ocp.args.StandardSave(variables(step)), meta=ocp.args.JsonSave({"step": step})
+            )
             manager.save(step, args=args)
         manager.wait_until_finished()
         manager.close()

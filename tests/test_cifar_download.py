@@ -112,8 +112,11 @@ def fake_official(monkeypatch):
     """The fake archive's digests become the official ones; downloads go to a closed port unless a test says."""
     spec = sources.archive_spec("cifar10")
     assert spec.url == OFFICIAL_URL
-    monkeypatch.setitem(sources.CIFAR_ARCHIVES, "cifar10", spec._replace(
-        sha256=hashlib.sha256(ARCHIVE).hexdigest(), md5=hashlib.md5(ARCHIVE).hexdigest()))
+    monkeypatch.setitem(
+        sources.CIFAR_ARCHIVES,
+        "cifar10",
+        spec._replace(sha256=hashlib.sha256(ARCHIVE).hexdigest(), md5=hashlib.md5(ARCHIVE).hexdigest()),
+    )
     monkeypatch.delenv(sources.CACHE_ENV, raising=False)
     monkeypatch.setenv(sources.MIRROR_ENV, _closed_port_url())  # nothing here may reach the internet
 
@@ -257,6 +260,7 @@ def test_interrupted_download_leaves_nothing(tmp_path, site, monkeypatch):
 
 def _wrong_archive(folder):
     """A file where the archive belongs, with a pickle that would create a marker file if ever unpickled."""
+
     class Marker:
         def __reduce__(self):
             return (open, (str(folder / "unpickled"), "w"))
@@ -331,8 +335,12 @@ def test_tfds_never_prepared(tmp_path, monkeypatch, explicit_dir):
     # Through TFDS_DATA_DIR (data_dir '') tfds fails differently: KeyError "splits is empty".
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     message = _load_error(_cfg(tmp_path, source="tfds", data_dir=str(tmp_path) if explicit_dir else ""))
-    for part in (f"config.data.data_dir={tmp_path}", "tfds build cifar10 --file_format=array_record",
-                 f"--data_dir {tmp_path}", "--config.data.source=cifar_archive"):
+    for part in (
+        f"config.data.data_dir={tmp_path}",
+        "tfds build cifar10 --file_format=array_record",
+        f"--data_dir {tmp_path}",
+        "--config.data.source=cifar_archive",
+    ):
         assert part in message
     assert _files(tmp_path) == []
 
@@ -347,9 +355,23 @@ def test_main_without_network_prints_one_error_and_exits_2(tmp_path):
     cache.mkdir()
     env = {**os.environ, sources.MIRROR_ENV: _closed_port_url(), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "mmard_jax.main", "--config", "configs/cifar10.py", "--workdir", str(tmp_path / "run"),
-         f"--config.data.archive_dir={cache}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "mmard_jax.main",
+            "--config",
+            "configs/cifar10.py",
+            "--workdir",
+            str(tmp_path / "run"),
+            f"--config.data.archive_dir={cache}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output and output.count("error:") == 1

@@ -7,6 +7,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmard_jax import config as config_lib
+from mmard_jax.attacks import PGDSpec
+from mmard_jax.checks import InvalidValue
+from mmard_jax.data import pipeline
+from mmard_jax.models import create_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 ACCELERATOR = ("cifar10_gpu.py", "cifar10_tpu.py", "cifar100_gpu.py", "cifar100_tpu.py")
@@ -50,8 +54,14 @@ def test_accelerator_configs_change_only_what_the_hardware_needs(name):
         for key in (values if isinstance(values, dict) else [None])
         if (base[section] if key is None else base[section][key]) != (values if key is None else values[key])
     }
-    hardware = {("dtype", None), ("compilation_cache_dir", None), ("eval", "unroll"), ("eval", "batch_size"),
-                ("attack", "unroll"), ("teacher", "attack")}
+    hardware = {
+        ("dtype", None),
+        ("compilation_cache_dir", None),
+        ("eval", "unroll"),
+        ("eval", "batch_size"),
+        ("attack", "unroll"),
+        ("teacher", "attack"),
+    }
     assert {("dtype", None), ("compilation_cache_dir", None), ("eval", "batch_size")} <= changed <= hardware
     assert accelerated["teacher"]["attack"] == {**base["teacher"]["attack"], "unroll": 1}
     assert accelerated["dtype"] == "bfloat16" and accelerated["attack"]["unroll"] == 1
@@ -142,11 +152,19 @@ def test_validate_returns_the_run_plan_with_each_method_built_once():
     assert plan.stages == ("teacher", "distill", "eval") and plan.distillation_needs_teacher
     assert (plan.teacher.name, plan.teacher.run_dir, plan.teacher.method.name) == ("teacher", "teacher", "trades")
     assert [(j.name, j.run_dir) for j in plan.students] == [
-        ("pgd_at", "students/pgd_at"), ("rslad", "students/rslad"), ("mmard", "students/mmard")]
+        ("pgd_at", "students/pgd_at"),
+        ("rslad", "students/rslad"),
+        ("mmard", "students/mmard"),
+    ]
     assert [j.method.needs_teacher for j in plan.students] == [False, True, True]
     assert all(j.model.name == "cnn" and j.optim.epochs == 10 for j in plan.students)
-    config = parse("mnist5k.py", "--config.method.name=rslad", "--config.method.mmard_outer=True",
-                   "--config.baselines=rslad,adaad", "--config.stages=distill")
+    config = parse(
+        "mnist5k.py",
+        "--config.method.name=rslad",
+        "--config.method.mmard_outer=True",
+        "--config.baselines=rslad,adaad",
+        "--config.stages=distill",
+    )
     plan = config_lib.validate(config)
     assert [j.name for j in plan.students] == ["rslad", "adaad"]  # the main method is not trained twice
     assert plan.students[0].method_cfg.mmard_outer and not plan.students[1].method_cfg.mmard_outer
@@ -155,3 +173,25 @@ def test_validate_returns_the_run_plan_with_each_method_built_once():
 def test_student_methods_put_baselines_first_without_repeats():
     config = parse("mnist5k.py", "--config.baselines=pgd_at,rslad,mmard")
     assert config_lib.student_methods(config) == ("pgd_at", "rslad", "mmard")
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda: config_lib.validate(parse("tiny.py", "--config.optim.lr=-1")), "config.optim.lr"),
+        (
+            lambda: config_lib.job_plan(
+                "x", "x", None, parse("tiny.py", "--config.method.tau_mi=0").method, None, None
+            ),
+            "config.method.tau_mi",
+        ),
+        (lambda: create_model("wide_resnet", 10, widen_factor=0), "widen_factor"),
+        (lambda: pipeline.steps_per_epoch(100, 0), "global_batch_size"),
+        (lambda: PGDSpec(eps=0.1, step_size=0.1, steps=1, norm="l1"), "norm"),
+    ],
+)
+def test_every_layer_refuses_bad_values_in_one_dialect(call, field):
+    """Config, methods, models, pipeline and attacks: the same error type, the message starting with the field."""
+    with pytest.raises(InvalidValue) as error:
+        call()
+    assert str(error.value).startswith(f"{field}: ")

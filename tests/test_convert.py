@@ -26,7 +26,10 @@ ARCHITECTURES = {
     "resnet18": ("resnet18", {}, {}, lambda c: twins.ResNet18(num_classes=c)),
     "preact_resnet18": ("preact_resnet18", {}, {}, lambda c: twins.PreActResNet18(num_classes=c)),
     "preact_resnet18_kuangliu": (
-        "preact_resnet18", {"final_bn": False}, {}, lambda c: twins.PreActResNet18(num_classes=c, final_bn=False)
+        "preact_resnet18",
+        {"final_bn": False},
+        {},
+        lambda c: twins.PreActResNet18(num_classes=c, final_bn=False),
     ),
     "mobilenet_v2": ("mobilenet_v2", {}, {}, lambda c: twins.MobileNetV2(num_classes=c)),
     "wide_resnet_sub_block1": (
@@ -157,8 +160,11 @@ def test_wrong_key_names_the_missing_and_the_unexpected_key(tmp_path):
 def test_wrong_shape_names_the_key_and_both_shapes():
     state = state_dict_numpy(torch_twin("resnet18", 10))
     state["layer2.0.conv1.weight"] = np.zeros((128, 32, 3, 3), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"'layer2\.0\.conv1\.weight' has shape \(128, 32, 3, 3\) in the "
-                       r"file, the model needs \(128, 64, 3, 3\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"'layer2\.0\.conv1\.weight' has shape \(128, 32, 3, 3\) in the "
+        r"file, the model needs \(128, 64, 3, 3\)",
+    ):
         convert.convert_state_dict(state, flax_module("resnet18", 10), SHAPE)
 
 
@@ -181,7 +187,9 @@ class _RunsCodeWhenUnpickled:
 def test_a_pickled_payload_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "code_ran"
     model = torch_twin("resnet18", 10)
-    path = save_torch(tmp_path / "payload.pt", {"state_dict": model.state_dict(), "extra": _RunsCodeWhenUnpickled(marker)})
+    path = save_torch(
+        tmp_path / "payload.pt", {"state_dict": model.state_dict(), "extra": _RunsCodeWhenUnpickled(marker)}
+    )
     with pytest.raises(convert.UnsafeCheckpointError, match="arbitrary code"):
         convert.read_state_dict(path)
     assert not marker.exists()
@@ -208,10 +216,20 @@ def test_models_without_a_pytorch_counterpart_are_refused():
 @pytest.mark.parametrize(
     "name, kwargs, num_classes, twin, published",
     [  # published: the count of the public PyTorch definition (RobustBench's model zoo), an independent fact
-        ("dm_wide_resnet", {"depth": 28, "widen_factor": 10}, 10, lambda: twins.DMWideResNet(depth=28, width=10),
-         36_479_194),
-        ("dm_wide_resnet", {"depth": 70, "widen_factor": 16}, 100,
-         lambda: twins.DMWideResNet(depth=70, width=16, num_classes=100), 266_888_756),
+        (
+            "dm_wide_resnet",
+            {"depth": 28, "widen_factor": 10},
+            10,
+            lambda: twins.DMWideResNet(depth=28, width=10),
+            36_479_194,
+        ),
+        (
+            "dm_wide_resnet",
+            {"depth": 70, "widen_factor": 16},
+            100,
+            lambda: twins.DMWideResNet(depth=70, width=16, num_classes=100),
+            266_888_756,
+        ),
         ("dm_preact_resnet", {"depth": 18}, 10, lambda: twins.DMPreActResNet(depth=18), 12_548_426),
         ("dm_preact_resnet", {"depth": 34}, 100, lambda: twins.DMPreActResNet(depth=34, num_classes=100), 22_702_756),
         ("wrn-34-10", {}, 100, lambda: twins.WideResNet(depth=34, widen_factor=10, num_classes=100), 46_218_164),
@@ -230,8 +248,12 @@ def test_trades_checkpoint_layout_holds_sub_block1_which_is_dropped():
         stored = twins.WideResNet(depth=34, widen_factor=10, sub_block1=True)
     assert twins.count_parameters(stored) == 48_262_586
     unused = dict(type(create_model("wrn-34-10", 10)).torch_unused)
-    assert {k.split(".")[0] + "." for k in stored.state_dict()} - {
-        "conv1.", "block1.", "block2.", "block3.", "bn1.", "fc."} == set(unused) == {"sub_block1."}
+    assert (
+        {k.split(".")[0] + "." for k in stored.state_dict()}
+        - {"conv1.", "block1.", "block2.", "block3.", "bn1.", "fc."}
+        == set(unused)
+        == {"sub_block1."}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,23 +262,37 @@ def test_trades_checkpoint_layout_holds_sub_block1_which_is_dropped():
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_import_a_robustbench_teacher_by_name_then_export_it(tmp_path):
     """Rebuffi2021Fixing_R18_ddpm (CIFAR-100) from where RobustBench keeps it; its logits survive import and export."""
     model = twins.randomize_batch_stats(
-        twins.DMPreActResNet(num_classes=100, activation="swish", mean=robustbench.CIFAR100_MEAN,
-                             std=robustbench.CIFAR100_STD), seed=3
+        twins.DMPreActResNet(
+            num_classes=100, activation="swish", mean=robustbench.CIFAR100_MEAN, std=robustbench.CIFAR100_STD
+        ),
+        seed=3,
     ).eval()
     name = "Rebuffi2021Fixing_R18_ddpm"
     path = robustbench.robustbench_file(str(tmp_path / "models"), "cifar100", "Linf", name)
     os.makedirs(os.path.dirname(path))
     save_torch(path, {"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}})
     out = tmp_path / "teacher"
-    done = run_module("mmard_jax.import_teacher", "--robustbench", name, "--dataset", "cifar100", "--threat-model",
-                      "Linf", "--model-dir", str(tmp_path / "models"), "--out", str(out))
+    done = run_module(
+        "mmard_jax.import_teacher",
+        "--robustbench",
+        name,
+        "--dataset",
+        "cifar100",
+        "--threat-model",
+        "Linf",
+        "--model-dir",
+        str(tmp_path / "models"),
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert f"--config.teacher.checkpoint={out}" in done.stdout
     record = json.load(open(out / "import.json"))
@@ -264,15 +300,22 @@ def test_import_a_robustbench_teacher_by_name_then_export_it(tmp_path):
     assert record["sha256"] == convert.file_sha256(path)
 
     variables, meta = ckpt_lib.load_variables(ckpt_lib.checkpoint_dir(str(out)), "best")
-    module = create_model("dm_preact_resnet", 100, depth=18, activation="swish", mean=robustbench.CIFAR100_MEAN,
-                          std=robustbench.CIFAR100_STD)
+    module = create_model(
+        "dm_preact_resnet",
+        100,
+        depth=18,
+        activation="swish",
+        mean=robustbench.CIFAR100_MEAN,
+        std=robustbench.CIFAR100_STD,
+    )
     images = random_images(2)
     np.testing.assert_allclose(flax_logits(module, variables, images), torch_logits(model, images), atol=1e-4, rtol=0)
 
     exported = str(tmp_path / "student.pt")
     assert export_student.main(["--run", str(out), "--out", exported]) == 0
-    again = twins.DMPreActResNet(num_classes=100, activation="swish", mean=robustbench.CIFAR100_MEAN,
-                                 std=robustbench.CIFAR100_STD)
+    again = twins.DMPreActResNet(
+        num_classes=100, activation="swish", mean=robustbench.CIFAR100_MEAN, std=robustbench.CIFAR100_STD
+    )
     again.load_state_dict(torch.load(exported, weights_only=True), strict=True)
     np.testing.assert_allclose(torch_logits(again.eval(), images), torch_logits(model, images), atol=1e-6, rtol=0)
     assert json.load(open(exported + ".json"))["model"]["mean"] == list(robustbench.CIFAR100_MEAN)
@@ -282,8 +325,10 @@ def test_import_a_robustbench_teacher_by_name_then_export_it(tmp_path):
     "args, expected",
     [
         (["--robustbench", "NoSuchModel2099"], "supported names:\n  Carmon2019Unlabeled"),
-        (["--robustbench", "Zhang2019Theoretically", "--model-dir", "/nonexistent"],
-         "no file at '/nonexistent/cifar10/Linf/Zhang2019Theoretically.pt'"),
+        (
+            ["--robustbench", "Zhang2019Theoretically", "--model-dir", "/nonexistent"],
+            "no file at '/nonexistent/cifar10/Linf/Zhang2019Theoretically.pt'",
+        ),
         (["--source", "/nonexistent.pt", "--model", "resnet18", "--num-classes", "10"], "no weights file"),
         (["--source", "x.pt", "--num-classes", "10"], "--model is required"),
         (["--source", "x.pt", "--model", "vgg", "--num-classes", "10"], "unknown model name 'vgg'"),
@@ -298,16 +343,39 @@ def test_import_errors_are_one_message_and_exit_2(args, expected, tmp_path, caps
 
 def test_distillation_from_an_imported_teacher_runs_end_to_end(tmp_path):
     """The tiny config (8x8 digits) distils from a random-weight PyTorch WRN-10-1 imported from a wrapped file."""
-    model = twins.randomize_batch_stats(twins.WideResNet(depth=10, widen_factor=1, in_channels=1), seed=4,
-                                        image_size=8)
+    model = twins.randomize_batch_stats(twins.WideResNet(depth=10, widen_factor=1, in_channels=1), seed=4, image_size=8)
     source = save_torch(tmp_path / "wrn.pt", {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}})
     teacher = tmp_path / "teacher"
-    assert import_teacher.main(["--source", source, "--model", "wide_resnet", "--model-kwargs",
-                                "depth=10,widen_factor=1", "--num-classes", "10", "--image-shape", "8,8,1",
-                                "--out", str(teacher)]) == 0
-    done = run_module("mmard_jax.main", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir",
-                      str(tmp_path / "run"), "--config.stages=distill,eval", "--config.baselines=",
-                      f"--config.teacher.checkpoint={teacher}", "--config.optim.epochs=1")
+    assert (
+        import_teacher.main(
+            [
+                "--source",
+                source,
+                "--model",
+                "wide_resnet",
+                "--model-kwargs",
+                "depth=10,widen_factor=1",
+                "--num-classes",
+                "10",
+                "--image-shape",
+                "8,8,1",
+                "--out",
+                str(teacher),
+            ]
+        )
+        == 0
+    )
+    done = run_module(
+        "mmard_jax.main",
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.stages=distill,eval",
+        "--config.baselines=",
+        f"--config.teacher.checkpoint={teacher}",
+        "--config.optim.epochs=1",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "teacher architecture from" in done.stderr  # config.teacher.model (a cnn) gave way to the checkpoint's
     results = json.load(open(tmp_path / "run" / "results.json"))["results"]

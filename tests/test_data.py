@@ -62,7 +62,8 @@ def _python2_pickle(images_hwc, labels):
         b"(K\x01K" + bytes([n]) + b"M\x00\x0c\x86"  # BUILD state: version 1, shape (n, 3072)
         b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
         b"\x89T" + len(data).to_bytes(4, "little") + data + b"tb"  # not Fortran-ordered, raw bytes
-        b"U\x06labels](" + b"".join(b"K" + bytes([int(v)]) for v in labels) + b"eu.")
+        b"U\x06labels](" + b"".join(b"K" + bytes([int(v)]) for v in labels) + b"eu."
+    )
 
 
 class _CreatesFileWhenUnpickled:
@@ -171,7 +172,8 @@ def test_tampered_archive_is_never_unpickled(tmp_path, tiny_cifar10):
     tampered = tmp_path / "tampered" / "cifar-10-python.tar.gz"
     tampered.parent.mkdir()
     tampered_sha256, tampered_md5 = _write_tar_gz(
-        tampered, {**members, "cifar-10-batches-py/data_batch_1": _malicious_pickle(marker)})
+        tampered, {**members, "cifar-10-batches-py/data_batch_1": _malicious_pickle(marker)}
+    )
     with pytest.raises(ValueError, match="not the official.*refusing to unpickle"):
         sources.read_cifar_archive(tampered, "cifar10", sha256=clean_sha256, md5=clean_md5)
     assert not marker.exists()
@@ -238,8 +240,13 @@ def test_tfds_missing_data_names_fields_and_commands(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         sources.load_dataset(cfg)
     message = str(err.value)
-    for part in ("config.data.data_dir", "config.data.name", str(tmp_path),
-                 "tfds build cifar10 --file_format=array_record", "--config.data.source=cifar_archive"):
+    for part in (
+        "config.data.data_dir",
+        "config.data.name",
+        str(tmp_path),
+        "tfds build cifar10 --file_format=array_record",
+        "--config.data.source=cifar_archive",
+    ):
         assert part in message
     assert list(tmp_path.iterdir()) == []  # nothing downloaded or prepared
 
@@ -292,12 +299,21 @@ def test_holdout_is_fixed_and_validated():
 def _epoch_indices(src, epoch, process_count, global_batch_size=8, seed=3):
     """Per global step, the example indices seen by all processes concatenated in process order."""
     per_process = [
-        [(_decode_index(images), labels) for images, labels in pipeline.train_batches(
-            src, global_batch_size=global_batch_size, seed=seed, epoch=epoch,
-            process_index=p, process_count=process_count)]
-        for p in range(process_count)]
+        [
+            (_decode_index(images), labels)
+            for images, labels in pipeline.train_batches(
+                src,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                epoch=epoch,
+                process_index=p,
+                process_count=process_count,
+            )
+        ]
+        for p in range(process_count)
+    ]
     steps = []
-    for step_parts in zip(*per_process):
+    for step_parts in zip(*per_process, strict=True):
         for decoded, labels in step_parts:
             np.testing.assert_array_equal(decoded, labels)  # images and labels stay paired
             assert labels.shape == (global_batch_size // process_count,)
@@ -328,7 +344,7 @@ def test_start_step_resumes_exactly():
     full = [labels for _, labels in pipeline.train_batches(src, **kwargs)]
     resumed = [labels for _, labels in pipeline.train_batches(src, start_step=5, **kwargs)]
     assert len(resumed) == len(full) - 5
-    for a, b in zip(full[5:], resumed):
+    for a, b in zip(full[5:], resumed, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -344,16 +360,32 @@ def test_batch_arguments_are_validated():
         next(pipeline.eval_batches(src, global_batch_size=4, num_examples=11))
 
 
-@pytest.mark.parametrize("num_examples,subset,global_batch_size,process_count",
-                         [(10, None, 4, 1), (10, None, 4, 2), (7, None, 8, 4), (16, None, 4, 2),
-                          (1, None, 6, 3), (30, 13, 6, 2), (5, 0, 2, 2)])
+@pytest.mark.parametrize(
+    "num_examples,subset,global_batch_size,process_count",
+    [
+        (10, None, 4, 1),
+        (10, None, 4, 2),
+        (7, None, 8, 4),
+        (16, None, 4, 2),
+        (1, None, 6, 3),
+        (30, 13, 6, 2),
+        (5, 0, 2, 2),
+    ],
+)
 def test_eval_mask_counts_each_example_once(num_examples, subset, global_batch_size, process_count):
     src = _indexed_source(num_examples)
     count = num_examples if subset is None else subset
     counted, batch_counts = [], []
     for p in range(process_count):
-        batches = list(pipeline.eval_batches(src, global_batch_size=global_batch_size, process_index=p,
-                                             process_count=process_count, num_examples=subset))
+        batches = list(
+            pipeline.eval_batches(
+                src,
+                global_batch_size=global_batch_size,
+                process_index=p,
+                process_count=process_count,
+                num_examples=subset,
+            )
+        )
         batch_counts.append(len(batches))
         for images, labels, mask in batches:
             assert images.shape[0] == labels.shape[0] == mask.shape[0] == global_batch_size // process_count
@@ -406,7 +438,7 @@ def _find_transforms(original, augmented, pad, flips):
     matches = []
     for top in range(2 * pad + 1):
         for left in range(2 * pad + 1):
-            window = padded[top:top + height, left:left + width]
+            window = padded[top : top + height, left : left + width]
             for flipped in flips:
                 if np.array_equal(window[:, ::-1] if flipped else window, augmented):
                     matches.append((top, left, flipped))
@@ -430,13 +462,15 @@ def test_to_float_divides_by_255():
 
 def test_crop_and_flip_are_exact_shifts_and_mirrors_of_the_padded_image():
     pad, images = 2, _random_images(256)
-    augmented = np.asarray(augment.augment_batch(jax.random.split(jax.random.key(0), len(images)), images, crop_padding=pad, flip=True))
+    augmented = np.asarray(
+        augment.augment_batch(jax.random.split(jax.random.key(0), len(images)), images, crop_padding=pad, flip=True)
+    )
     found = []
-    for original, result in zip(images, augmented):
+    for original, result in zip(images, augmented, strict=True):
         matches = _find_transforms(original, result, pad, flips=(False, True))
         assert len(matches) == 1
         found.append(matches[0])
-    tops, lefts, flipped = map(np.array, zip(*found))
+    tops, lefts, flipped = map(np.array, zip(*found, strict=True))
     assert set(tops) == set(lefts) == set(range(2 * pad + 1))  # every offset in [0, 2*pad] occurs
     assert 0.35 < flipped.mean() < 0.65  # flip with probability 1/2 (binomial, 256 draws)
 
@@ -445,22 +479,25 @@ def test_crop_only_never_flips_and_flip_only_never_shifts():
     images = _random_images(64, seed=1)
     keys = jax.random.split(jax.random.key(1), len(images))
     cropped = np.asarray(augment.augment_batch(keys, images, crop_padding=3, flip=False))
-    assert all(_find_transforms(x, y, 3, flips=(False,)) for x, y in zip(images, cropped))
+    assert all(_find_transforms(x, y, 3, flips=(False,)) for x, y in zip(images, cropped, strict=True))
     flipped = np.asarray(augment.augment_batch(keys, images, crop_padding=0, flip=True))
-    for x, y in zip(images, flipped):
+    for x, y in zip(images, flipped, strict=True):
         assert np.array_equal(y, x) or np.array_equal(y, x[:, ::-1])
-    assert any(np.array_equal(y, x[:, ::-1]) for x, y in zip(images, flipped))
+    assert any(np.array_equal(y, x[:, ::-1]) for x, y in zip(images, flipped, strict=True))
 
 
 def test_identity_when_disabled():
     images = _random_images(4)
     np.testing.assert_array_equal(
-        np.asarray(augment.augment_batch(jax.random.split(jax.random.key(2), 4), images, crop_padding=0, flip=False)), images)
+        np.asarray(augment.augment_batch(jax.random.split(jax.random.key(2), 4), images, crop_padding=0, flip=False)),
+        images,
+    )
 
 
 def test_keys_per_example_same_key_same_result_and_jit():
     # Identical images in a batch: different results can only come from different per-example keys.
     images = np.repeat(_random_images(1), 16, axis=0)
+
     def run(key, batch):
         return augment.augment_batch(jax.random.split(key, len(batch)), batch, crop_padding=4, flip=True)
 

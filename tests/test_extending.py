@@ -70,8 +70,9 @@ def test_the_doc_method_trains_through_the_real_train_step(doc_config_module):
     dataset = load_dataset(config.data)
     teacher_module = build_module(config.teacher.model, dataset.num_classes)
     teacher = Network(teacher_module, init_variables(teacher_module, jax.random.PRNGKey(1), dataset.image_shape))
-    plan = config_lib.job_plan("rslad_js", "students/rslad_js", config.student.model, config.method, config.attack,
-                               config.optim)
+    plan = config_lib.job_plan(
+        "rslad_js", "students/rslad_js", config.student.model, config.method, config.attack, config.optim
+    )
     job = train.Job(plan, "/unused", teacher)
     step_spec = train.step_spec(job, config, dataset.num_classes, steps_per_epoch=10)
     student = build_module(config.student.model, dataset.num_classes)
@@ -93,10 +94,14 @@ def test_the_doc_method_trains_through_the_real_train_step(doc_config_module):
 def builder(outer_views=("student_nat", "student_adv", "teacher_nat"), needs_teacher=True):
     """A builder of RSLAD under another name, with the given declarations (sets, not frozensets)."""
     return lambda cfg: methods.Method(
-        name="custom", inner_loss=losses.rslad_inner, outer_loss=methods.bind(losses.rslad_outer, adv_weight=0.5,
-                                                                              reduction="mean"),
-        inner_views={"student_adv", "teacher_nat"}, outer_views=set(outer_views), attack_student_train_mode=False,
-        needs_teacher=needs_teacher)
+        name="custom",
+        inner_loss=losses.rslad_inner,
+        outer_loss=methods.bind(losses.rslad_outer, adv_weight=0.5, reduction="mean"),
+        inner_views={"student_adv", "teacher_nat"},
+        outer_views=set(outer_views),
+        attack_student_train_mode=False,
+        needs_teacher=needs_teacher,
+    )
 
 
 def test_register_method_rules():

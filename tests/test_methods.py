@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from test_losses import np_kl, np_log_softmax  # tests/ is on sys.path
 
 from mmard_jax import losses, methods
 from mmard_jax.config import cifar_config, student_method_config
 from mmard_jax.config import method_config as default_method_config
 from mmard_jax.methods import Views
-from test_losses import np_kl, np_log_softmax  # tests/ is on sys.path
 
 B, C = 8, 5
 COMBINATIONS = list(itertools.product(methods.DISTILLATION_BASES, (False, True), (False, True)))
@@ -30,7 +30,7 @@ def build(method_name, **overrides):
 
 def all_methods():
     combos = [build(base, mmard_inner=inner, mmard_outer=outer) for base, inner, outer in COMBINATIONS]
-    return combos + [build(name) for name in ('pgd_at', 'trades', 'mmard')]
+    return combos + [build(name) for name in ("pgd_at", "trades", "mmard")]
 
 
 def random_views(seed=0):
@@ -64,15 +64,17 @@ def test_every_combination_runs_finite_under_jit():
         assert loss.shape == () and np.isfinite(loss), m.name
         assert metrics and all(np.isfinite(v) for v in metrics.values()), m.name
         assert np.abs(np.asarray(grad_adv)).max() > 0, m.name  # every outer loss trains the robust student
-        assert ('mi_ab' in metrics) == ('mmard_outer' in m.name), m.name
+        assert ("mi_ab" in metrics) == ("mmard_outer" in m.name), m.name
 
 
-@pytest.mark.parametrize('base, add_inner, add_outer', COMBINATIONS)
+@pytest.mark.parametrize("base, add_inner, add_outer", COMBINATIONS)
 def test_declared_views_are_exactly_what_losses_read(base, add_inner, add_outer):
     m = build(base, mmard_inner=add_inner, mmard_outer=add_outer)
     views, epoch = random_views(), jnp.int32(0)
-    for declared, loss in ((m.inner_views, lambda v: m.inner_loss(v, LABELS)),
-                           (m.outer_views, lambda v: m.outer_loss(v, LABELS, epoch))):
+    for declared, loss in (
+        (m.inner_views, lambda v: m.inner_loss(v, LABELS)),
+        (m.outer_views, lambda v: m.outer_loss(v, LABELS, epoch)),
+    ):
         jax.eval_shape(loss, keep_only(views, declared))  # runs with only the declared views
         for missing in declared:
             with pytest.raises((TypeError, AttributeError, ValueError)):
@@ -80,35 +82,40 @@ def test_declared_views_are_exactly_what_losses_read(base, add_inner, add_outer)
 
 
 def test_view_declarations_follow_the_method_table():
-    assert build('rslad').inner_views == {'student_adv', 'teacher_nat'}  # no teacher forward in the loop
-    assert 'teacher_adv' in build('adaad').inner_views
-    assert build('trades').inner_views == {'student_nat', 'student_adv'}
-    assert build('iad').outer_views >= {'teacher_adv'}  # w_i = p_T(x')[y]^β
-    assert 'teacher_nat' not in build('adaad', mmard_inner=True, boundary='entropy').inner_views
-    assert 'teacher_nat' in build('ard', mmard_outer=True, teacher_vertex='natural').outer_views
-    assert 'teacher_adv' not in build('ard', mmard_outer=True, teacher_vertex='natural').outer_views
+    assert build("rslad").inner_views == {"student_adv", "teacher_nat"}  # no teacher forward in the loop
+    assert "teacher_adv" in build("adaad").inner_views
+    assert build("trades").inner_views == {"student_nat", "student_adv"}
+    assert build("iad").outer_views >= {"teacher_adv"}  # w_i = p_T(x')[y]^β
+    assert "teacher_nat" not in build("adaad", mmard_inner=True, boundary="entropy").inner_views
+    assert "teacher_nat" in build("ard", mmard_outer=True, teacher_vertex="natural").outer_views
+    assert "teacher_adv" not in build("ard", mmard_outer=True, teacher_vertex="natural").outer_views
 
 
 def test_modes_and_teacher_flags():
-    assert build('ard').attack_student_train_mode and build('iad').attack_student_train_mode
-    assert not build('ard', mmard_inner=True).attack_student_train_mode  # MMARD attacks in inference mode
-    assert build('ard', mmard_outer=True).attack_student_train_mode
-    assert not any(build(n).attack_student_train_mode for n in ('pgd_at', 'trades', 'rslad', 'adaad', 'mmard'))
-    assert [n for n in methods.METHOD_NAMES if not build(n).needs_teacher] == ['pgd_at', 'trades']
+    assert build("ard").attack_student_train_mode and build("iad").attack_student_train_mode
+    assert not build("ard", mmard_inner=True).attack_student_train_mode  # MMARD attacks in inference mode
+    assert build("ard", mmard_outer=True).attack_student_train_mode
+    assert not any(build(n).attack_student_train_mode for n in ("pgd_at", "trades", "rslad", "adaad", "mmard"))
+    assert [n for n in methods.METHOD_NAMES if not build(n).needs_teacher] == ["pgd_at", "trades"]
 
 
 def test_mmard_is_adaad_with_both_parts():
-    mmard = build('mmard')
-    composed = build('adaad', mmard_inner=True, mmard_outer=True)
+    mmard = build("mmard")
+    composed = build("adaad", mmard_inner=True, mmard_outer=True)
     assert (mmard.inner_loss, mmard.outer_loss, mmard.inner_views, mmard.outer_views) == (
-        composed.inner_loss, composed.outer_loss, composed.inner_views, composed.outer_views)
+        composed.inner_loss,
+        composed.outer_loss,
+        composed.inner_views,
+        composed.outer_views,
+    )
     views = random_views()
-    np.testing.assert_allclose(mmard.inner_loss(views, LABELS),
-                               losses.mmard_inner(views, LABELS, gamma=1.0, boundary='kl'), rtol=1e-6)
+    np.testing.assert_allclose(
+        mmard.inner_loss(views, LABELS), losses.mmard_inner(views, LABELS, gamma=1.0, boundary="kl"), rtol=1e-6
+    )
 
 
 def test_methods_are_hashable_static_jit_arguments():
-    first, second, other = build('rslad', mmard_outer=True), build('rslad', mmard_outer=True), build('rslad')
+    first, second, other = build("rslad", mmard_outer=True), build("rslad", mmard_outer=True), build("rslad")
     assert first == second and hash(first) == hash(second) and first != other
     traces = []
 
@@ -125,20 +132,23 @@ def test_methods_are_hashable_static_jit_arguments():
 
 
 def test_axis_name_makes_the_sharded_outer_loss_the_global_one():
-    cfg = method_config('mmard')
-    sharded_method, single_method = methods.build_method(cfg, axis_name='data'), methods.build_method(cfg)
+    cfg = method_config("mmard")
+    sharded_method, single_method = methods.build_method(cfg, axis_name="data"), methods.build_method(cfg)
     views = keep_only(random_views(), single_method.outer_views)
     labels = jnp.tile(LABELS, 2)
     views = jax.tree.map(lambda z: jnp.concatenate([z, z[::-1] + 1.0]), views)  # 16 rows, 2 per device
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 
     def body(views, labels):
-        return jax.lax.pmean(sharded_method.outer_loss(views, labels, jnp.int32(0)), 'data')
+        return jax.lax.pmean(sharded_method.outer_loss(views, labels, jnp.int32(0)), "data")
 
-    rows, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
+    rows, replicated = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
     sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=rows, out_specs=replicated))(views, labels)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), sharded,
-                 single_method.outer_loss(views, labels, jnp.int32(0)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+        sharded,
+        single_method.outer_loss(views, labels, jnp.int32(0)),
+    )
 
 
 def _linear_nets():
@@ -153,14 +163,22 @@ def inner_views_at(method, student, teacher, x, x_adv):
     """What the train step does: *_adv fields at x', *_nat fields once and stop-gradiented."""
     fields = {}
     for name in method.inner_views:
-        logits = (x_adv if name.endswith('adv') else x) @ (student if name.startswith('student') else teacher)
-        fields[name] = logits if name.endswith('adv') else lax.stop_gradient(logits)
+        logits = (x_adv if name.endswith("adv") else x) @ (student if name.startswith("student") else teacher)
+        fields[name] = logits if name.endswith("adv") else lax.stop_gradient(logits)
     return Views(**fields)
 
 
-@pytest.mark.parametrize('name, overrides, through_teacher', [
-    ('adaad', {}, True), ('mmard', {}, True), ('mmard', {'boundary': 'margin', 'gamma': 2.0}, True),
-    ('rslad', {'mmard_inner': True}, True), ('rslad', {}, False), ('ard', {}, False)])
+@pytest.mark.parametrize(
+    "name, overrides, through_teacher",
+    [
+        ("adaad", {}, True),
+        ("mmard", {}, True),
+        ("mmard", {"boundary": "margin", "gamma": 2.0}, True),
+        ("rslad", {"mmard_inner": True}, True),
+        ("rslad", {}, False),
+        ("ard", {}, False),
+    ],
+)
 def test_inner_gradient_through_teacher(name, overrides, through_teacher):
     m = build(name, **overrides)
     student, teacher, x, x_adv = _linear_nets()
@@ -171,6 +189,7 @@ def test_inner_gradient_through_teacher(name, overrides, through_teacher):
     teacher_grad, input_grad = jax.grad(inner, argnums=(0, 1))(teacher, x_adv)
     assert (np.abs(np.asarray(teacher_grad)).max() > 1e-4) == through_teacher
     if through_teacher:  # the attack direction changes if the teacher's logits are cut from the graph
+
         def inner_teacher_cut(z):
             views = inner_views_at(m, student, teacher, x, z)
             return m.inner_loss(views._replace(teacher_adv=lax.stop_gradient(views.teacher_adv)), LABELS).sum()
@@ -179,32 +198,49 @@ def test_inner_gradient_through_teacher(name, overrides, through_teacher):
 
 
 def test_iad_extra_term_switches_on_at_warmup():
-    m = build('iad', iad_warmup_epochs=3)
+    m = build("iad", iad_warmup_epochs=3)
     views = keep_only(random_views(), m.outer_views)
     outer = jax.jit(m.outer_loss)
     before, before_metrics = outer(views, LABELS, jnp.int32(2))
     after, after_metrics = outer(views, LABELS, jnp.int32(3))
-    assert before_metrics['kl_self'] == 0 and after_metrics['kl_self'] > 0
-    np.testing.assert_allclose(after - before, after_metrics['kl_self'], rtol=1e-5)  # alpha = 1
+    assert before_metrics["kl_self"] == 0 and after_metrics["kl_self"] > 0
+    np.testing.assert_allclose(after - before, after_metrics["kl_self"], rtol=1e-5)  # alpha = 1
 
 
-@pytest.mark.parametrize('name, field, value', [
-    ('mmard', 'name', 'madry'), ('ard', 'kl_reduction', 'none'), ('ard', 'temperature', 0.0),
-    ('iad', 'iad_temperature', 0.0), ('iad', 'iad_kl_reduction', 'avg'),
-    ('adaad', 'alpha', 1.5), ('iad', 'iad_beta', -0.1), ('iad', 'iad_warmup_epochs', -1),
-    ('rslad', 'rslad_adv_weight', 2.0), ('trades', 'trades_beta', float('nan')), ('mmard', 'gamma', -1.0),
-    ('mmard', 'boundary', 'l2'), ('mmard', 'mi_beta', 'one'), ('mmard', 'mi_weights', (1.0, 1.0)),
-    ('mmard', 'tau_mi', 0.0), ('mmard', 'mask_same_class', 'yes'), ('mmard', 'teacher_vertex', 'clean'),
-    ('ard', 'mmard_inner', 1), ('pgd_at', 'mmard_inner', True), ('trades', 'mmard_outer', True)])
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("mmard", "name", "madry"),
+        ("ard", "kl_reduction", "none"),
+        ("ard", "temperature", 0.0),
+        ("iad", "iad_temperature", 0.0),
+        ("iad", "iad_kl_reduction", "avg"),
+        ("adaad", "alpha", 1.5),
+        ("iad", "iad_beta", -0.1),
+        ("iad", "iad_warmup_epochs", -1),
+        ("rslad", "rslad_adv_weight", 2.0),
+        ("trades", "trades_beta", float("nan")),
+        ("mmard", "gamma", -1.0),
+        ("mmard", "boundary", "l2"),
+        ("mmard", "mi_beta", "one"),
+        ("mmard", "mi_weights", (1.0, 1.0)),
+        ("mmard", "tau_mi", 0.0),
+        ("mmard", "mask_same_class", "yes"),
+        ("mmard", "teacher_vertex", "clean"),
+        ("ard", "mmard_inner", 1),
+        ("pgd_at", "mmard_inner", True),
+        ("trades", "mmard_outer", True),
+    ],
+)
 def test_invalid_config_names_the_field(name, field, value):
-    with pytest.raises(ValueError, match=f'config.method.{field}'):
+    with pytest.raises(ValueError, match=f"config.method.{field}"):
         build(name, **{field: value})
 
 
 def test_missing_field_names_the_field():
-    cfg = default_method_config('rslad')
-    del cfg['rslad_adv_weight']
-    with pytest.raises(ValueError, match='config.method.rslad_adv_weight'):
+    cfg = default_method_config("rslad")
+    del cfg["rslad_adv_weight"]
+    with pytest.raises(ValueError, match="config.method.rslad_adv_weight"):
         methods.build_method(cfg)
 
 
@@ -232,14 +268,14 @@ def test_reference_attack_start_per_method(name, flags, expected):
 
 def test_iad_has_its_own_defaults_as_a_baseline_of_the_cifar10_mmard_run():
     """IAD-I.py (github.com/ZFancy/IAD): τ = 1, KL terms summed / B; ARD keeps τ = 30 and the shared 'mean'."""
-    config = cifar_config('cifar10')
-    config.baselines = 'iad,rslad'
-    assert config.method.name == 'mmard'
-    iad = methods.build_method(student_method_config(config, 'iad'))
-    ard = methods.build_method(student_method_config(config, 'ard'))
+    config = cifar_config("cifar10")
+    config.baselines = "iad,rslad"
+    assert config.method.name == "mmard"
+    iad = methods.build_method(student_method_config(config, "iad"))
+    ard = methods.build_method(student_method_config(config, "ard"))
     iad_hyper = dict(iad.outer_loss.hyperparameters)
-    assert (iad_hyper['temperature'], iad_hyper['reduction']) == (1.0, 'batchmean')
-    assert dict(ard.outer_loss.hyperparameters) == {'alpha': 1.0, 'temperature': 30.0, 'reduction': 'mean'}
+    assert (iad_hyper["temperature"], iad_hyper["reduction"]) == (1.0, "batchmean")
+    assert dict(ard.outer_loss.hyperparameters) == {"alpha": 1.0, "temperature": 30.0, "reduction": "mean"}
 
     s_nat = np.array([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0], [-0.3, 0.1, 0.9], [2.0, 0.0, -2.0]])
     s_adv, t_nat, t_adv = 0.7 * s_nat[::-1], 1.5 * s_nat + 0.2, s_nat[[1, 0, 3, 2]]

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mmard_jax.models import MODEL_NAMES, count_params, create_model
 from mmard_jax.models.small_cnn import flatten_channel_major
@@ -90,8 +91,20 @@ def tree_allclose(a, b, **tolerances):
 
 
 def test_model_names_are_sorted_and_complete():
-    expected = {"resnet18", "preact_resnet18", "wide_resnet", "wrn-34-10", "wrn-28-10", "wrn-70-16",
-                "dm_wide_resnet", "dm_preact_resnet", "mobilenet_v2", "small_cnn", "cnn", "mlp"}
+    expected = {
+        "resnet18",
+        "preact_resnet18",
+        "wide_resnet",
+        "wrn-34-10",
+        "wrn-28-10",
+        "wrn-70-16",
+        "dm_wide_resnet",
+        "dm_preact_resnet",
+        "mobilenet_v2",
+        "small_cnn",
+        "cnn",
+        "mlp",
+    }
     assert MODEL_NAMES == tuple(sorted(MODEL_NAMES))
     assert set(MODEL_NAMES) == expected
 
@@ -143,8 +156,8 @@ def wide_resnet_param_count(depth: int, widen_factor: int, num_classes: int) -> 
 
 
 @pytest.mark.parametrize(
-    "name,kwargs", [("wrn-34-10", {}), ("wrn-28-10", {}), ("wrn-70-16", {}),
-                    ("wide_resnet", {"depth": 16, "widen_factor": 1})]
+    "name,kwargs",
+    [("wrn-34-10", {}), ("wrn-28-10", {}), ("wrn-70-16", {}), ("wide_resnet", {"depth": 16, "widen_factor": 1})],
 )
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_wide_resnet_count_matches_hand_formula(name, kwargs, num_classes):
@@ -166,8 +179,8 @@ def test_wide_resnet_naming_scheme():
 
 
 @pytest.mark.parametrize(
-    "name,penultimate", [("resnet18", 512), ("preact_resnet18", 512), ("wrn-34-10", 640),
-                         ("mobilenet_v2", 1280), ("small_cnn", 200)]
+    "name,penultimate",
+    [("resnet18", 512), ("preact_resnet18", 512), ("wrn-34-10", 640), ("mobilenet_v2", 1280), ("small_cnn", 200)],
 )
 def test_count_grows_by_one_linear_row_per_class(name, penultimate):
     count = {c: count_params(abstract_init(create_model(name, c), CIFAR)["params"]) for c in (10, 100)}
@@ -182,9 +195,9 @@ def test_count_params_on_a_hand_made_tree():
 
 def test_initialisers_follow_the_references():
     model = create_model("wide_resnet", 10, depth=10, widen_factor=4)
-    params = jax.jit(lambda key, x: model.init(key, x, train=False))(
-        fast_key(20), np.zeros((1, *CIFAR), np.float32)
-    )["params"]
+    params = jax.jit(lambda key, x: model.init(key, x, train=False))(fast_key(20), np.zeros((1, *CIFAR), np.float32))[
+        "params"
+    ]
     kernel = np.asarray(params["block2"]["layer_0"]["conv2"]["kernel"])  # 3x3, 128 -> 128
     np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (9 * 128)), rtol=0.05)  # He fan-out
     fc_kernel = np.asarray(params["fc"]["kernel"])  # PyTorch default: U(+-1/sqrt(fan_in))
@@ -226,7 +239,7 @@ def conv3x3_same_numpy(x, kernel, bias, stride=1):
     out = np.zeros((x.shape[0], height, width, kernel.shape[-1]))
     for i in range(height):
         for j in range(width):
-            patch = padded[:, i * stride:i * stride + 3, j * stride:j * stride + 3, :]
+            patch = padded[:, i * stride : i * stride + 3, j * stride : j * stride + 3, :]
             out[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
     return out + bias
 
@@ -256,9 +269,7 @@ def test_stride_two_conv_pads_symmetrically_like_pytorch():
     model = create_model("resnet18", 10)
     x = random_images(5, (1, 8, 8, 3))
     variables = fake_variables(model, x.shape[1:])
-    _, state = jit_apply(model)(
-        variables, x, train=False, capture_intermediates=True, mutable=("intermediates",)
-    )
+    _, state = jit_apply(model)(variables, x, train=False, capture_intermediates=True, mutable=("intermediates",))
     block_input = np.asarray(state["intermediates"]["layer1_1"]["__call__"][0], np.float64)
     conv_output = state["intermediates"]["layer2_0"]["conv1"]["__call__"][0]
     kernel = np.asarray(variables["params"]["layer2_0"]["conv1"]["kernel"], np.float64)
@@ -267,10 +278,13 @@ def test_stride_two_conv_pads_symmetrically_like_pytorch():
     np.testing.assert_allclose(conv_output, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,mean,std,shape", [
-    ("cnn", (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), CIFAR),
-    ("small_cnn", (0.1307,), (0.3081,), MNIST),
-])
+@pytest.mark.parametrize(
+    "name,mean,std,shape",
+    [
+        ("cnn", (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), CIFAR),
+        ("small_cnn", (0.1307,), (0.3081,), MNIST),
+    ],
+)
 def test_input_normalisation_equals_prenormalised_input(name, mean, std, shape):
     plain = create_model(name, 10)
     normalising = create_model(name, 10, mean=mean, std=std)
@@ -377,8 +391,7 @@ def test_bn_axis_name_syncs_batch_statistics_across_devices():
     def train_forward(variables, x):
         return synced.apply(variables, x, train=True, mutable=["batch_stats"])
 
-    sharded = jax.jit(jax.shard_map(train_forward, mesh=mesh, in_specs=(P(), P("data")),
-                                    out_specs=(P("data"), P())))
+    sharded = jax.jit(jax.shard_map(train_forward, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())))
     logits, updates = sharded(variables, x)
     full_logits, full_updates = local.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(logits, full_logits, rtol=1e-4, atol=1e-5)

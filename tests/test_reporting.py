@@ -37,7 +37,9 @@ def test_results_table_has_one_row_per_model_in_percent():
 
 
 def test_curves_png_is_written(tmp_path):
-    histories = {"a": [{"epoch": 1, "train_loss": 2.0, "clean_acc": 0.5, "pgd_acc": 0.2}, {"epoch": 2, "train_loss": 1.5}]}
+    histories = {
+        "a": [{"epoch": 1, "train_loss": 2.0, "clean_acc": 0.5, "pgd_acc": 0.2}, {"epoch": 2, "train_loss": 1.5}]
+    }
     path = tmp_path / "curves.png"
     reporting.plot_curves(histories, str(path))
     with open(path, "rb") as f:
@@ -49,7 +51,9 @@ def test_attack_keys_are_identical_across_processes():
     import subprocess
     import sys
 
-    script = "from mmard_jax import evaluate; import numpy as np; print(np.asarray(evaluate.attack_key(0, 'pgd')).tolist())"
+    script = (
+        "from mmard_jax import evaluate; import numpy as np; print(np.asarray(evaluate.attack_key(0, 'pgd')).tolist())"
+    )
     outputs = set()
     for hash_seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "JAX_PLATFORMS": "cpu"}

@@ -14,10 +14,15 @@ FAKE_GCS = os.path.join(os.path.dirname(__file__), "fake_gcs.py")
 
 
 def run_on_fake_gcs(bucket_root, cwd, *args, code=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": os.path.abspath(ROOT)}
-    command = [sys.executable, FAKE_GCS, str(bucket_root), "--", *args] if code is None else [
-        sys.executable, "-c", code]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "PYTHONPATH": os.path.abspath(ROOT),
+    }
+    command = (
+        [sys.executable, FAKE_GCS, str(bucket_root), "--", *args] if code is None else [sys.executable, "-c", code]
+    )
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -27,14 +32,27 @@ def test_the_pipeline_runs_with_its_workdir_on_gcs_and_resumes_there(tmp_path):
     bucket, cwd = tmp_path / "gcs", tmp_path / "cwd"
     bucket.mkdir()
     cwd.mkdir()
-    args = ["--config", os.path.join(os.path.abspath(ROOT), "configs", "tiny.py"), "--workdir", "gs://bucket/run",
-            "--config.teacher.optim.epochs=1", "--config.optim.epochs=1",
-            "--config.compilation_cache_dir={workdir}/xla_cache"]
+    args = [
+        "--config",
+        os.path.join(os.path.abspath(ROOT), "configs", "tiny.py"),
+        "--workdir",
+        "gs://bucket/run",
+        "--config.teacher.optim.epochs=1",
+        "--config.optim.epochs=1",
+        "--config.compilation_cache_dir={workdir}/xla_cache",
+    ]
     first = run_on_fake_gcs(bucket, cwd, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     run = bucket / "bucket" / "run"
-    for name in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl",
-                 "students/rslad/checkpoints", "teacher/checkpoints"):
+    for name in (
+        "results.json",
+        "results.md",
+        "curves.png",
+        "teacher/metrics.jsonl",
+        "students/mmard/metrics.jsonl",
+        "students/rslad/checkpoints",
+        "teacher/checkpoints",
+    ):
         assert (run / name).exists(), name
     assert any(f.stat().st_size > 0 for f in (run / "students" / "mmard" / "tensorboard").iterdir())
     assert any((run / "xla_cache").iterdir())
@@ -48,8 +66,10 @@ def test_the_pipeline_runs_with_its_workdir_on_gcs_and_resumes_there(tmp_path):
 
 
 def test_the_guard_fails_a_gs_path_that_skips_epath(tmp_path):
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(FAKE_GCS)!r}); import fake_gcs; "
-            f"fake_gcs.install({str(tmp_path)!r}); open('gs://bucket/results.json', 'w')")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(FAKE_GCS)!r}); import fake_gcs; "
+        f"fake_gcs.install({str(tmp_path)!r}); open('gs://bucket/results.json', 'w')"
+    )
     done = run_on_fake_gcs(tmp_path, tmp_path, code=code)
     assert done.returncode != 0 and "StrayPathError" in done.stderr
     assert not (tmp_path / "gs:").exists()

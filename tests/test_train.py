@@ -103,7 +103,9 @@ def test_eight_devices_equal_one_device(method_name, digits):
     assert_trees_close(metrics8, metrics1, rtol=1e-4, atol=1e-5)
     # and the step did something: parameters moved away from their initial values
     spec, initial, _, _ = one_step_setup(method_name, digits, jax.devices()[:1])
-    moved = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), state1.params, jax.device_get(initial.params))
+    moved = jax.tree.map(
+        lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), state1.params, jax.device_get(initial.params)
+    )
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
@@ -112,7 +114,9 @@ def test_a_bfloat16_step_stays_close_to_the_float32_step(method_name, digits):
     """The accelerator configs compute in bfloat16 with float32 parameters, losses and optimizer. Two steps from the
     same state: the loss within 1 % and the parameter updates pointing the same way (cosine > 0.995) as float32."""
     before = jax.device_get(one_step_setup(method_name, digits, jax.devices()[:1])[1])
-    results = {dtype: run_steps(method_name, digits, jax.devices()[:1], dtype=dtype) for dtype in ("float32", "bfloat16")}
+    results = {
+        dtype: run_steps(method_name, digits, jax.devices()[:1], dtype=dtype) for dtype in ("float32", "bfloat16")
+    }
     (state32, metrics32), (state16, metrics16) = results["float32"], results["bfloat16"]
     assert jax.tree.leaves(state16.params)[0].dtype == np.float32  # parameters stay float32
     assert abs(float(metrics16["loss"]) - float(metrics32["loss"])) <= 0.01 * abs(float(metrics32["loss"]))
@@ -128,9 +132,16 @@ def test_pmap_agrees_with_shard_map(digits):
     body = functools.partial(train.train_step_body, spec)
     pmapped = jax.pmap(body, axis_name=parallel.DATA_AXIS, in_axes=(None, None, 0, 0))
     host_state = jax.device_get(state)
-    p_state, p_metrics = pmapped(host_state, jax.device_get(teacher_vars), images.reshape(8, 4, *images.shape[1:]), labels.reshape(8, 4))
-    s_state, s_metrics = train.make_train_step(spec, mesh)(state, teacher_vars, *parallel.global_batch((images, labels), mesh))
-    first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    p_state, p_metrics = pmapped(
+        host_state, jax.device_get(teacher_vars), images.reshape(8, 4, *images.shape[1:]), labels.reshape(8, 4)
+    )
+    s_state, s_metrics = train.make_train_step(spec, mesh)(
+        state, teacher_vars, *parallel.global_batch((images, labels), mesh)
+    )
+
+    def first(tree):  # device 0's copy of a pmapped result
+        return jax.tree.map(lambda x: np.asarray(x)[0], tree)
+
     assert_trees_close(first(p_state.params), jax.device_get(s_state.params))
     assert_trees_close(first(p_state.batch_stats), jax.device_get(s_state.batch_stats))
     assert_trees_close(first(p_metrics), jax.device_get(s_metrics))
@@ -148,20 +159,26 @@ def test_gradient_is_the_global_batch_mean_not_the_sum(digits):
     job = make_job(config, "/unused", "pgd_at", None)
     spec = train.step_spec(job, config, digits.num_classes, 10)
     plain = build_module(config.student.model, digits.num_classes)
-    variables = jax.device_get(init_variables(plain, jax.random.PRNGKey(0), digits.image_shape))  # host copy: the step donates
+    variables = jax.device_get(
+        init_variables(plain, jax.random.PRNGKey(0), digits.image_shape)
+    )  # host copy: the step donates
     state = train.create_train_state(variables, spec.tx, jax.random.PRNGKey(5))
     images, labels = digits.train.images[:32], digits.train.labels[:32]
     x = images.astype(np.float32) / 255.0
     # attack steps = 0 with 'uniform' init: x' is a random point, so compute the reference on the same x'
     mesh = parallel.make_mesh()
     root_key = np.asarray(state.key)  # the step donates the state's buffers
-    new_state, _ = train.make_train_step(spec, mesh)(parallel.replicate(state, mesh), None, *parallel.global_batch((images, labels), mesh))
+    new_state, _ = train.make_train_step(spec, mesh)(
+        parallel.replicate(state, mesh), None, *parallel.global_batch((images, labels), mesh)
+    )
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root_key, 0), i))(jnp.arange(32))
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     x_adv = per_example_start(keys[:, 1], jnp.asarray(x), **spec.attack.start)
 
     def loss(params):
-        logits, _ = plain.apply({"params": params, "batch_stats": variables["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"])
+        logits, _ = plain.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(32), labels])
 
     grads = jax.grad(loss)(variables["params"])
@@ -234,7 +251,9 @@ def test_teacher_is_frozen_and_not_checkpointed(digits, tmp_path):
     job = make_job(config, tmp_path, "mmard", teacher)
     outcome = train.train(job, config, digits, mesh=parallel.make_mesh())
     assert_trees_close(teacher.variables, before, rtol=0, atol=0)
-    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        os.path.join(tmp_path, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     manager.close()
     student_signature = ckpt_lib.shape_signature(jax.device_get(outcome.network.variables["params"]))
@@ -287,7 +306,11 @@ def test_learning_rate_schedule_switches_at_epoch_boundaries():
     optim.schedule = "cosine"
     optim.epochs = 4
     cosine = train.learning_rate_schedule(optim, steps_per_epoch=5)
-    assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(10)) == pytest.approx(0.05) and float(cosine(20)) == pytest.approx(0.0, abs=1e-9)
+    assert (
+        float(cosine(0)) == pytest.approx(0.1)
+        and float(cosine(10)) == pytest.approx(0.05)
+        and float(cosine(20)) == pytest.approx(0.0, abs=1e-9)
+    )
 
 
 def hand_written_schedule(optim, steps_per_epoch, step):
@@ -306,8 +329,15 @@ def hand_written_schedule(optim, steps_per_epoch, step):
 
 @pytest.mark.parametrize(
     "schedule, decay_epochs, warmup_epochs",
-    [("piecewise", (2, 3), 0.0), ("piecewise", (), 0.0), ("piecewise", (1.5, 3), 1.3), ("piecewise", (2,), 1.0),
-     ("cosine", (), 0.0), ("constant", (), 0.0), ("constant", (), 0.7)],
+    [
+        ("piecewise", (2, 3), 0.0),
+        ("piecewise", (), 0.0),
+        ("piecewise", (1.5, 3), 1.3),
+        ("piecewise", (2,), 1.0),
+        ("cosine", (), 0.0),
+        ("constant", (), 0.0),
+        ("constant", (), 0.7),
+    ],
 )
 def test_optax_schedules_keep_the_hand_written_values(schedule, decay_epochs, warmup_epochs):
     optim = tiny_config().optim
@@ -351,7 +381,16 @@ def test_optimizer_matches_pytorch_sgd_with_coupled_weight_decay():
 
 
 def run_main(workdir, *overrides):
-    command = [sys.executable, "-m", "mmard_jax.main", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(workdir), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "mmard_jax.main",
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -378,7 +417,14 @@ def _pids_with(*fragments: str) -> list[int]:
 
 def _launch(workdir, overrides):
     env = {**os.environ, "PYTHON": sys.executable, "PORT": str(_free_port()), "DEVICES_PER_PROCESS": "1"}
-    command = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", os.path.join(ROOT, "configs", "tiny.py"), str(workdir), *overrides]
+    command = [
+        "bash",
+        os.path.join(ROOT, "launch", "local_multiprocess.sh"),
+        "2",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        str(workdir),
+        *overrides,
+    ]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -386,8 +432,13 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
     """Multi-host data parallelism through the launch script: 2 processes x 1 CPU device (jax.distributed, gloo)
     train the teacher and distil the student of 1 process x 2 devices (same global batch); their checkpoints load
     into a process of another topology (this one, 8 devices)."""
-    overrides = ("--config.stages=teacher,distill", "--config.baselines=", "--config.teacher.optim.epochs=1",
-                 "--config.optim.epochs=1", "--config.checkpoint.every_steps=8")
+    overrides = (
+        "--config.stages=teacher,distill",
+        "--config.baselines=",
+        "--config.teacher.optim.epochs=1",
+        "--config.optim.epochs=1",
+        "--config.checkpoint.every_steps=8",
+    )
     single = run_main(tmp_path / "single", *overrides)
     output, _ = single.communicate(timeout=600)
     assert single.returncode == 0, output
@@ -450,11 +501,20 @@ def test_profile_steps_write_a_trace_of_those_steps(digits, tmp_path):
 
 def test_main_end_to_end_on_the_tiny_config(tmp_path):
     cache = tmp_path / "xla_cache"
-    process = run_main(os.path.relpath(tmp_path, ROOT), f"--config.compilation_cache_dir={cache}")  # a relative --workdir, as users type it
+    process = run_main(
+        os.path.relpath(tmp_path, ROOT), f"--config.compilation_cache_dir={cache}"
+    )  # a relative --workdir, as users type it
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     assert any(name.endswith("-cache") for name in os.listdir(cache))  # compiled programs kept for the next run
-    for path in ("results.json", "results.md", "curves.png", "teacher/metrics.jsonl", "students/mmard/metrics.jsonl", "students/rslad/checkpoints"):
+    for path in (
+        "results.json",
+        "results.md",
+        "curves.png",
+        "teacher/metrics.jsonl",
+        "students/mmard/metrics.jsonl",
+        "students/rslad/checkpoints",
+    ):
         assert os.path.exists(tmp_path / path), path
     assert os.listdir(tmp_path / "students" / "mmard" / "tensorboard")
     import json

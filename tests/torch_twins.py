@@ -327,9 +327,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def randomize_batch_stats(
-    model: nn.Module, seed: int = 0, image_size: int = 32, batch_size: int = 8
-) -> nn.Module:
+def randomize_batch_stats(model: nn.Module, seed: int = 0, image_size: int = 32, batch_size: int = 8) -> nn.Module:
     """Make every BatchNorm non-trivial, deterministically in ``seed``; returns ``model`` (mode kept).
 
     weight ~ U(0.5, 1.5), bias ~ N(0, 0.1). Running statistics are fitted, in one eval-mode pass over

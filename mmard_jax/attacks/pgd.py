@@ -15,7 +15,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmard_jax.attacks.common import (
-    ascent_direction, check_choice, check_non_negative, check_start_options, project, random_start)
+    ascent_direction,
+    check_choice,
+    check_non_negative,
+    check_start_options,
+    project,
+    random_start,
+)
 from mmard_jax.losses import cross_entropy, cw_margin_loss
 
 Array = jax.Array
@@ -25,10 +31,10 @@ LossFn = Callable[[Array], Array]
 def _check_loop(*, step_size, steps, unroll) -> None:
     """Raise ValueError for loop arguments `pgd` cannot run with."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f'pgd: steps={steps!r} must be a non-negative Python int.')
+        raise ValueError(f"pgd: steps={steps!r} must be a non-negative Python int.")
     if not isinstance(unroll, bool) and not (isinstance(unroll, int) and unroll >= 1):
-        raise ValueError(f'pgd: unroll={unroll!r} must be a positive int or a bool (True = fully unrolled).')
-    check_non_negative('step_size', step_size)
+        raise ValueError(f"pgd: unroll={unroll!r} must be a positive int or a bool (True = fully unrolled).")
+    check_non_negative("step_size", step_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +45,9 @@ class PGDSpec:
     eps: float
     step_size: float
     steps: int
-    init: str = 'uniform'
+    init: str = "uniform"
     init_scale: float = 0.001
-    norm: str = 'linf'
+    norm: str = "linf"
     unroll: int | bool = 1
 
     def __post_init__(self):
@@ -59,9 +65,20 @@ class PGDSpec:
         return dict(eps=self.eps, init=self.init, init_scale=self.init_scale, norm=self.norm)
 
 
-def pgd(loss_fn: LossFn, x: Array, key: Array | None, *, eps: float, step_size: float, steps: int,
-        init: str = 'uniform', init_scale: float = 0.001, norm: str = 'linf', unroll: int | bool = 1,
-        x_init: Array | None = None) -> Array:
+def pgd(
+    loss_fn: LossFn,
+    x: Array,
+    key: Array | None,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    init: str = "uniform",
+    init_scale: float = 0.001,
+    norm: str = "linf",
+    unroll: int | bool = 1,
+    x_init: Array | None = None,
+) -> Array:
     """Projected gradient ascent on ``loss_fn(x_adv).sum()`` inside the ε-ball around ``x`` and [0, 1].
 
     Args:
@@ -82,7 +99,7 @@ def pgd(loss_fn: LossFn, x: Array, key: Array | None, *, eps: float, step_size: 
     _check_loop(step_size=step_size, steps=steps, unroll=unroll)
     start = random_start(key, x, eps=eps, init=init, init_scale=init_scale, norm=norm)
     if x_init is not None:
-        if init != 'none':
+        if init != "none":
             raise ValueError(f"pgd: x_init is given, so init must be 'none' (got init={init!r}).")
         start = project(x_init, x, eps, norm)
     grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z)))
@@ -97,7 +114,7 @@ def pgd(loss_fn: LossFn, x: Array, key: Array | None, *, eps: float, step_size: 
 def fgsm(loss_fn: LossFn, x: Array, key: Array | None = None, *, eps: float) -> Array:
     """FGSM: one L∞ step of size ε from ``x`` (`pgd` with steps=1, step_size=eps, init='none')."""
     del key  # FGSM is deterministic; the argument keeps the attack signatures uniform.
-    return pgd(loss_fn, x, None, eps=eps, step_size=eps, steps=1, init='none')
+    return pgd(loss_fn, x, None, eps=eps, step_size=eps, steps=1, init="none")
 
 
 def ce_attack(logits_fn: Callable[[Array], Array], x: Array, y: Array, key: Array | None, **pgd_options) -> Array:
@@ -105,8 +122,16 @@ def ce_attack(logits_fn: Callable[[Array], Array], x: Array, y: Array, key: Arra
     return pgd(lambda z: cross_entropy(logits_fn(z), y), x, key, **pgd_options)
 
 
-def cw_linf(logits_fn: Callable[[Array], Array], x: Array, y: Array, key: Array | None, *, kappa: float = 50.0,
-            norm: str = 'linf', **pgd_options) -> Array:
+def cw_linf(
+    logits_fn: Callable[[Array], Array],
+    x: Array,
+    y: Array,
+    key: Array | None,
+    *,
+    kappa: float = 50.0,
+    norm: str = "linf",
+    **pgd_options,
+) -> Array:
     """CW∞: L∞ PGD on the CW margin loss ``−max(z_y − max_{j≠y} z_j + κ, 0)``; ``pgd_options`` go to `pgd`."""
-    check_choice('norm', norm, ('linf',))
+    check_choice("norm", norm, ("linf",))
     return pgd(lambda z: cw_margin_loss(logits_fn(z), y, kappa), x, key, norm=norm, **pgd_options)

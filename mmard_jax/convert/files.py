@@ -54,7 +54,7 @@ def _torch_load(path: str):
         import torch
     except ImportError:
         raise ImportError(
-            f"reading the PyTorch file {path!r} needs PyTorch: pip install -e \".[torch]\" "
+            f'reading the PyTorch file {path!r} needs PyTorch: pip install -e ".[torch]" '
             "(or convert it to .safetensors on a machine that has PyTorch)"
         ) from None
     try:
@@ -107,7 +107,7 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, np.ndarray]) -> dict[str, np
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix):]: value for key, value in state.items()}
+                state = {key[len(prefix) :]: value for key, value in state.items()}
                 changed = True
     return state
 
@@ -126,7 +126,7 @@ def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
             import torch
         except ImportError:
             raise ImportError(
-                f"writing {path!r} as a PyTorch file needs PyTorch: pip install -e \".[torch]\", "
+                f'writing {path!r} as a PyTorch file needs PyTorch: pip install -e ".[torch]", '
                 "or name the output *.safetensors"
             ) from None
         torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}, temporary)

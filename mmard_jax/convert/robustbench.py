@@ -84,7 +84,9 @@ def lookup(name: str, dataset: str, threat_model: str) -> RobustBenchEntry:
     """The entry for ``name``; ValueError listing the supported names otherwise."""
     if (dataset, threat_model) not in ENTRIES:
         pairs = ", ".join(f"--dataset {d} --threat-model {t}" for d, t in ENTRIES)
-        raise ValueError(f"no RobustBench teachers for dataset {dataset!r}, threat model {threat_model!r}; supported: {pairs}")
+        raise ValueError(
+            f"no RobustBench teachers for dataset {dataset!r}, threat model {threat_model!r}; supported: {pairs}"
+        )
     table = ENTRIES[(dataset, threat_model)]
     if name not in table:
         raise ValueError(

@@ -14,30 +14,32 @@ from typing import Any
 
 import numpy as np
 
+from mmard_jax import checks
 from mmard_jax.data.sources import ArraySource
 
 
 def _check_sharding(global_batch_size: int, process_index: int, process_count: int) -> int:
     """Validates the sharding arguments and returns the per-process batch size."""
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive; got {global_batch_size}")
+    checks.positive_int("global_batch_size", global_batch_size)
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, process_count={process_count}); got {process_index}")
+        checks.fail("process_index", f"{process_index} must be in [0, process_count={process_count})")
     if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}; "
-            "pick a batch size that is a multiple of the number of processes")
+        checks.fail(
+            "global_batch_size",
+            f"{global_batch_size} is not divisible by process_count={process_count}; "
+            "pick a batch size that is a multiple of the number of processes",
+        )
     return global_batch_size // process_count
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full batches in one epoch (the remainder is dropped)."""
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive; got {global_batch_size}")
+    checks.positive_int("global_batch_size", global_batch_size)
     if num_examples < global_batch_size:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} exceeds the {num_examples} training examples; "
-            "lower the batch size")
+        checks.fail(
+            "global_batch_size",
+            f"{global_batch_size} exceeds the {num_examples} training examples; lower the batch size",
+        )
     return num_examples // global_batch_size
 
 
@@ -46,8 +48,16 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_batches(src: ArraySource, *, global_batch_size: int, seed: int, epoch: int, process_index: int = 0,
-                  process_count: int = 1, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(
+    src: ArraySource,
+    *,
+    global_batch_size: int,
+    seed: int,
+    epoch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields this process's (images uint8 [G/P, H, W, C], labels int32 [G/P]) for one epoch.
 
     Global batch b is ``perm[b*G:(b+1)*G]``; process p gets its p-th contiguous slice of G // P.
@@ -60,12 +70,18 @@ def train_batches(src: ArraySource, *, global_batch_size: int, seed: int, epoch:
     perm = epoch_permutation(src.num_examples, seed, epoch)
     for step in range(start_step, steps):
         first = step * global_batch_size + process_index * local
-        indices = perm[first:first + local]
+        indices = perm[first : first + local]
         yield src.images[indices], src.labels[indices]
 
 
-def eval_batches(src: ArraySource, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                 num_examples: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_batches(
+    src: ArraySource,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_examples: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (images, labels, mask) over the first `num_examples` examples, in order.
 
     Every process yields ceil(n / G) batches of G // P examples; global batch b covers examples

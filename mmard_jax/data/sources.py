@@ -81,11 +81,9 @@ def make_source(images: np.ndarray, labels: np.ndarray) -> ArraySource:
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
+        raise ValueError(f"images must be uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be integer [N] with N = {images.shape[0]}; got {labels.dtype} {labels.shape}")
+        raise ValueError(f"labels must be integer [N] with N = {images.shape[0]}; got {labels.dtype} {labels.shape}")
     return ArraySource(images=images, labels=labels.astype(np.int32))
 
 
@@ -131,7 +129,8 @@ def split_holdout(train: ArraySource, holdout_size: int) -> tuple[ArraySource, A
     """
     if not 0 <= holdout_size < train.num_examples:
         raise ValueError(
-            f"config.data.holdout_size must be in [0, {train.num_examples}) (the train size); got {holdout_size}")
+            f"config.data.holdout_size must be in [0, {train.num_examples}) (the train size); got {holdout_size}"
+        )
     if holdout_size == 0:
         return train, None
     perm = np.random.default_rng(SPLIT_SEED).permutation(train.num_examples)
@@ -143,7 +142,8 @@ def _split_in_memory(images: np.ndarray, labels: np.ndarray, test_size: int) -> 
     full = make_source(images, labels)
     if not 0 < test_size < full.num_examples:
         raise ValueError(
-            f"config.data.mnist5k_test_size gives a test size of {test_size}; it must be in (0, {full.num_examples})")
+            f"config.data.mnist5k_test_size gives a test size of {test_size}; it must be in (0, {full.num_examples})"
+        )
     train_idx, test_idx = stratified_split(full.labels, test_size)
     return subset(full, train_idx), subset(full, test_idx)
 
@@ -189,7 +189,8 @@ def _tfds_missing_message(name: str, data_dir: str) -> str:
         f"      pip install tensorflow tensorflow-datasets\n"
         f"      tfds build {name} --file_format=array_record --data_dir {dir_arg}\n"
         f"    and copy that folder here, or\n"
-        f"  - use the official CIFAR archive (no TensorFlow, downloaded once): --config.data.source=cifar_archive")
+        f"  - use the official CIFAR archive (no TensorFlow, downloaded once): --config.data.source=cifar_archive"
+    )
 
 
 def _read_tfds_split(source: Any) -> ArraySource:
@@ -216,7 +217,8 @@ def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     except ImportError as err:
         raise DataUnavailableError(
             f"config.data.source='tfds' needs tensorflow-datasets ({err}); pip install tensorflow-datasets, "
-            "or use --config.data.source=cifar_archive") from err
+            "or use --config.data.source=cifar_archive"
+        ) from err
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as err:
@@ -228,7 +230,8 @@ def _load_tfds(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
         except KeyError as err:  # a prepared copy lacks this split; an unprepared one has none
             if known := sorted(builder.info.splits):
                 raise ValueError(
-                    f"{split!r} (config.data.train_split / test_split) is not a split of {name}: {known}") from err
+                    f"{split!r} (config.data.train_split / test_split) is not a split of {name}: {known}"
+                ) from err
             raise DataUnavailableError(_tfds_missing_message(name, data_dir)) from err
         # An unprepared folder also fails with no files or a non-random-access format.
         except (OSError, NotImplementedError, AssertionError, tfds.core.registered.DatasetNotFoundError) as err:
@@ -287,8 +290,7 @@ CIFAR_ARCHIVES: dict[str, ArchiveSpec] = {
 def archive_spec(name: str) -> ArchiveSpec:
     """The `ArchiveSpec` of 'cifar10' or 'cifar100'."""
     if name not in CIFAR_ARCHIVES:
-        raise ValueError(
-            f"config.data.name={name!r} has no official archive; valid values: {sorted(CIFAR_ARCHIVES)}")
+        raise ValueError(f"config.data.name={name!r} has no official archive; valid values: {sorted(CIFAR_ARCHIVES)}")
     return CIFAR_ARCHIVES[name]
 
 
@@ -368,12 +370,15 @@ def _curl_line(spec: ArchiveSpec, path: str) -> str:
 
 def _fetch_hint(spec: ArchiveSpec, path: str) -> str:
     """The lines telling how to put the archive at `path` without our downloader."""
-    return (f"Fetch it by hand to the path it is read from:\n{_curl_line(spec, path)}\n"
-            f"or set {MIRROR_ENV} to a mirror folder that holds {spec.filename}.")
+    return (
+        f"Fetch it by hand to the path it is read from:\n{_curl_line(spec, path)}\n"
+        f"or set {MIRROR_ENV} to a mirror folder that holds {spec.filename}."
+    )
 
 
-def _read_verified(path: str | os.PathLike, spec: ArchiveSpec, sha256: str, md5: str,
-                   fix: str = "Delete it and download it again.") -> bytes:
+def _read_verified(
+    path: str | os.PathLike, spec: ArchiveSpec, sha256: str, md5: str, fix: str = "Delete it and download it again."
+) -> bytes:
     """The bytes of `path`, after checking its digests: a mismatch raises ArchiveDigestError ending in `fix`."""
     try:
         with open(path, "rb") as f:
@@ -386,7 +391,8 @@ def _read_verified(path: str | os.PathLike, spec: ArchiveSpec, sha256: str, md5:
     if mismatch:
         raise ArchiveDigestError(
             f"{path} is not the official {spec.filename}; refusing to unpickle it (unpickling runs code).\n"
-            f"({mismatch})\n{fix}")
+            f"({mismatch})\n{fix}"
+        )
     return data
 
 
@@ -394,6 +400,7 @@ def _parse_archive(data: bytes, spec: ArchiveSpec) -> tuple[ArraySource, ArraySo
     """(train, test, num_classes) from the verified bytes of a CIFAR python archive, without extracting it."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+
             def read(members: tuple[str, ...]) -> ArraySource:
                 return _concat([_unpickle_batch(archive, m, spec.label_key, spec.num_classes) for m in members])
 
@@ -402,8 +409,9 @@ def _parse_archive(data: bytes, spec: ArchiveSpec) -> tuple[ArraySource, ArraySo
         raise ValueError(f"{spec.filename} is not a readable tar.gz archive: {err}") from err
 
 
-def read_cifar_archive(path: str | os.PathLike, name: str, *, sha256: str | None = None,
-                       md5: str | None = None) -> tuple[ArraySource, ArraySource, int]:
+def read_cifar_archive(
+    path: str | os.PathLike, name: str, *, sha256: str | None = None, md5: str | None = None
+) -> tuple[ArraySource, ArraySource, int]:
     """Reads (train, test, num_classes) from an official CIFAR python archive, without extracting it.
 
     The whole file is read once into memory and its SHA-256 and MD5 are checked against
@@ -423,7 +431,8 @@ def _temp_file_beside(dest: str, hint: str) -> str:
     except OSError as err:
         raise DataUnavailableError(
             f"cannot write a file in {folder}: {err.strerror or err}.\n"
-            f"Choose a writable folder with --config.data.archive_dir or {CACHE_ENV}.\n{hint}") from err
+            f"Choose a writable folder with --config.data.archive_dir or {CACHE_ENV}.\n{hint}"
+        ) from err
     os.close(fd)
     return tmp_path
 
@@ -432,8 +441,15 @@ def _progress_bar(total: int | None, description: str, progress: bool | None) ->
     """A tqdm byte counter (size, rate, ETA); `progress` None = only on a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-                dynamic_ncols=True, disable=None if progress is None else not progress)
+    return tqdm(
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        dynamic_ncols=True,
+        disable=None if progress is None else not progress,
+    )
 
 
 def _network_reason(err: BaseException) -> str:
@@ -477,8 +493,9 @@ def _write(out: io.BufferedWriter, data: bytes, flush: bool = False) -> None:
         raise DataUnavailableError(f"cannot write {out.name}: {err.strerror or err}") from err
 
 
-def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str,
-                     progress: bool | None = None, hint: str = "") -> None:
+def download_archive(
+    url: str, dest: str | os.PathLike, *, sha256: str, md5: str, progress: bool | None = None, hint: str = ""
+) -> None:
     """Downloads `url` to a temporary file beside `dest`, verifies it, then renames it atomically.
 
     Waits at most READ_TIMEOUT_S to connect and for each read. No network, an HTTP error, a short
@@ -501,16 +518,19 @@ def download_archive(url: str, dest: str | os.PathLike, *, sha256: str, md5: str
                 unreachable = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
                 offline = " (offline, or the server is unreachable?)" if unreachable else ""
                 raise DataUnavailableError(
-                    f"could not download {url}: {_network_reason(err)}{offline}\n{hint}") from err
+                    f"could not download {url}: {_network_reason(err)}{offline}\n{hint}"
+                ) from err
         if total is not None and received != total:
             raise DataUnavailableError(
                 f"the download of {url} stopped after {received} of {total} bytes\n"
-                f"(connection dropped); nothing was kept. Run again to retry.\n{hint}")
+                f"(connection dropped); nothing was kept. Run again to retry.\n{hint}"
+            )
         mismatch = _digest_mismatch(hashes, sha256, md5)
         if mismatch:
             raise ArchiveDigestError(
                 f"the file downloaded from {url} is not the official archive; it was deleted unread.\n"
-                f"({mismatch})\nA proxy or captive portal may have answered. Run again to retry.\n{hint}")
+                f"({mismatch})\nA proxy or captive portal may have answered. Run again to retry.\n{hint}"
+            )
         os.replace(tmp_path, dest)
     finally:
         if os.path.exists(tmp_path):
@@ -525,11 +545,13 @@ def _archive_path(data_cfg: Any, spec: ArchiveSpec) -> str:
     if os.path.exists(archive_dir) and not os.path.isdir(archive_dir):
         raise DataUnavailableError(
             f"config.data.archive_dir={archive_dir} is a file, not a folder.\n"
-            f"Point --config.data.archive_dir (or {CACHE_ENV}) at a folder, or move that file away.")
+            f"Point --config.data.archive_dir (or {CACHE_ENV}) at a folder, or move that file away."
+        )
     if os.path.isdir(path):
         raise DataUnavailableError(
             f"{path} is a folder; it should be the archive file itself.\n"
-            f"Remove that folder, then run again.\n{_fetch_hint(spec, path)}")
+            f"Remove that folder, then run again.\n{_fetch_hint(spec, path)}"
+        )
     return path
 
 
@@ -548,12 +570,14 @@ def _load_cifar_archive(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
         except ArchiveDigestError as err:
             if not data_cfg.download:
                 raise
-            logger.warning("%s\nDownloading the official file to replace it (config.data.download=True).",
-                           str(err).split("\n")[0])
+            logger.warning(
+                "%s\nDownloading the official file to replace it (config.data.download=True).", str(err).split("\n")[0]
+            )
     elif not data_cfg.download:
         raise DataUnavailableError(
             f"{spec.filename} is not in config.data.archive_dir={os.path.dirname(path)}.\n"
-            f"Download it with --config.data.download=True, or by hand:\n{curl}")
+            f"Download it with --config.data.download=True, or by hand:\n{curl}"
+        )
     url = archive_url(spec)
     logger.info("downloading %s from %s to %s", spec.filename, url, path)
     download_archive(url, path, sha256=spec.sha256, md5=spec.md5, hint=_fetch_hint(spec, path))
@@ -587,5 +611,10 @@ def load_dataset(data_cfg: Any) -> Dataset:
         raise ValueError(f"train and test images differ in shape: {train.images.shape} vs {test.images.shape}")
     train, holdout = split_holdout(train, int(data_cfg.holdout_size))
     height, width, channels = train.images.shape[1:]
-    return Dataset(train=train, test=test, num_classes=num_classes,
-                   image_shape=(int(height), int(width), int(channels)), holdout=holdout)
+    return Dataset(
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        image_shape=(int(height), int(width), int(channels)),
+        holdout=holdout,
+    )

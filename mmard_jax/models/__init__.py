@@ -105,14 +105,10 @@ def create_model(
     for key in kwargs:
         if key in fixed:
             raise ValueError(
-                f"kwarg {key!r} is fixed to {fixed[key]!r} by model name {name!r}; "
-                "use name='wide_resnet' to choose it"
+                f"kwarg {key!r} is fixed to {fixed[key]!r} by model name {name!r}; use name='wide_resnet' to choose it"
             )
         if key not in allowed:
-            raise ValueError(
-                f"unknown kwarg {key!r} for model {name!r}; "
-                f"valid kwargs: {', '.join(allowed) or 'none'}"
-            )
+            raise ValueError(f"unknown kwarg {key!r} for model {name!r}; valid kwargs: {', '.join(allowed) or 'none'}")
     options = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
     return module_class(
         num_classes=num_classes,

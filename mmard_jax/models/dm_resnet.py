@@ -138,7 +138,7 @@ class DMWideResNet(_DMNetwork):
     def features(self, x, conv, norm, act):
         x = conv(STEM_WIDTH, (3, 3), 1, 1, name="init_conv")(x)
         num_blocks = blocks_per_group(self.depth)
-        for group, (width, stride) in enumerate(zip(group_widths(self.widen_factor), GROUP_STRIDES)):
+        for group, (width, stride) in enumerate(zip(group_widths(self.widen_factor), GROUP_STRIDES, strict=True)):
             x = DMBlockGroup(width, stride, conv, norm, act, num_blocks, name=f"layer_{group}")(x)
         return x
 
@@ -157,7 +157,7 @@ class DMPreActResNet(_DMNetwork):
 
     def features(self, x, conv, norm, act):
         x = conv(PREACT_WIDTHS[0], (3, 3), 1, 1, name="conv_2d")(x)
-        for stage, (width, blocks) in enumerate(zip(PREACT_WIDTHS, PREACT_BLOCKS[self.depth])):
+        for stage, (width, blocks) in enumerate(zip(PREACT_WIDTHS, PREACT_BLOCKS[self.depth], strict=True)):
             for index in range(blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 x = DMPreActBlock(width, stride, conv, norm, act, name=f"layer_{stage}_{index}")(x)

@@ -15,12 +15,13 @@ Conventions that make imported PyTorch checkpoints behave identically:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mmard_jax import checks
 
 Dtype = Any
 ModuleDef = Any
@@ -33,29 +34,9 @@ KAIMING_NORMAL_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal"
 KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_int_tuple(name: str, value: Any, *, allow_empty: bool) -> tuple[int, ...]:
-    """Return ``value`` as a tuple of positive ints, else raise ValueError naming ``name``."""
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ValueError(f"{name} must be a tuple of positive ints, got {value!r}")
-    for item in value:
-        check_positive_int(f"{name} entry", item)
-    if not value and not allow_empty:
-        raise ValueError(f"{name} must not be empty")
-    return tuple(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """Return ``value`` if it is a bool, else raise ValueError naming ``name``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+check_positive_int = checks.positive_int
+check_int_tuple = checks.int_tuple
+check_bool = checks.boolean
 
 
 def check_mean_std(mean: Any, std: Any) -> None:
@@ -112,9 +93,7 @@ class ImageClassifier(nn.Module):
             raise ValueError(f"x must be float in [0, 1], got dtype {x.dtype}; divide uint8 by 255")
         if self.mean is not None:
             if len(self.mean) not in (1, x.shape[-1]):
-                raise ValueError(
-                    f"mean/std have {len(self.mean)} entries but x has {x.shape[-1]} channels"
-                )
+                raise ValueError(f"mean/std have {len(self.mean)} entries but x has {x.shape[-1]} channels")
             mean = jnp.asarray(self.mean, dtype=x.dtype)
             std = jnp.asarray(self.std, dtype=x.dtype)
             x = (x - mean) / std
@@ -132,9 +111,7 @@ class ImageClassifier(nn.Module):
 
     def dense_def(self, kernel_init: Any = TORCH_DEFAULT_INIT) -> ModuleDef:
         """``nn.Dense`` with this model's dtypes and zero bias init."""
-        return functools.partial(
-            nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init
-        )
+        return functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init)
 
     def norm_def(self, train: bool) -> ModuleDef:
         """PyTorch-matching ``nn.BatchNorm``: batch statistics iff ``train``."""
@@ -167,9 +144,9 @@ class PreActBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         activated = nn.relu(self.norm(name="bn1")(x))
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = self.conv(
-                self.features, (1, 1), strides=self.strides, padding=0, name=self.shortcut_name
-            )(activated)
+            shortcut = self.conv(self.features, (1, 1), strides=self.strides, padding=0, name=self.shortcut_name)(
+                activated
+            )
         else:
             shortcut = x
         y = self.conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv1")(activated)

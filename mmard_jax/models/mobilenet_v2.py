@@ -61,9 +61,7 @@ class InvertedResidual(nn.Module):
         hidden = self.expansion * in_width
         y = self.conv(hidden, (1, 1), padding=0, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(
-            hidden, (3, 3), strides=self.strides, padding=1, feature_group_count=hidden, name="conv2"
-        )(y)
+        y = self.conv(hidden, (3, 3), strides=self.strides, padding=1, feature_group_count=hidden, name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.norm(name="bn3")(self.conv(self.features, (1, 1), padding=0, name="conv3")(y))
         if self.strides != 1:
@@ -85,8 +83,6 @@ class MobileNetV2(ImageClassifier):
         x = self.prepare_input(x)
         x = nn.relu(norm(name="bn1")(conv(STEM_WIDTH, (3, 3), padding=1, name="conv1")(x)))
         for index, (expansion, width, stride) in enumerate(block_specs()):
-            x = InvertedResidual(
-                expansion, width, stride, conv=conv, norm=norm, name=f"layers_{index}"
-            )(x)
+            x = InvertedResidual(expansion, width, stride, conv=conv, norm=norm, name=f"layers_{index}")(x)
         x = nn.relu(norm(name="bn2")(conv(HEAD_WIDTH, (1, 1), padding=0, name="conv2")(x)))
         return self.dense_def()(self.num_classes, name="linear")(global_avg_pool(x))

@@ -36,7 +36,7 @@ def stage_block_specs() -> list[tuple[str, int, int]]:
     """(name, width, stride) of every residual block, in order: ``layer1_0`` ... ``layer4_1``."""
     specs = []
     for stage, (width, stride, blocks) in enumerate(
-        zip(STAGE_WIDTHS, STAGE_STRIDES, BLOCKS_PER_STAGE), start=1
+        zip(STAGE_WIDTHS, STAGE_STRIDES, BLOCKS_PER_STAGE, strict=True), start=1
     ):
         for index in range(blocks):
             specs.append((f"layer{stage}_{index}", width, stride if index == 0 else 1))

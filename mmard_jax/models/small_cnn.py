@@ -26,7 +26,6 @@ from mmard_jax.models.layers import (
     check_int_tuple,
 )
 
-
 SMALL_CNN_MIN_SIZE = 16  # four valid 3x3 convs and two 2x2 pools leave at least 2x2
 
 

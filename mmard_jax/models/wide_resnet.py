@@ -97,7 +97,7 @@ class WideResNet(ImageClassifier):
         x = conv(STEM_WIDTH, (3, 3), strides=1, padding=1, name="conv1")(x)
         num_blocks = blocks_per_group(self.depth)
         for group, (width, stride) in enumerate(
-            zip(group_widths(self.widen_factor), GROUP_STRIDES), start=1
+            zip(group_widths(self.widen_factor), GROUP_STRIDES, strict=True), start=1
         ):
             x = BlockGroup(num_blocks, width, stride, conv=conv, norm=norm, name=f"block{group}")(x)
         x = nn.relu(norm(name="bn1")(x))

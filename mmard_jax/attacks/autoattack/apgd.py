@@ -4,6 +4,7 @@ Croce & Hein (2020), "Reliable evaluation of adversarial robustness with an ense
 parameter-free attacks", Sec. 3 (Algorithm 1: momentum step, checkpoints, step-size halving) and
 Sec. 4 (DLR losses). Every constant is a named parameter whose default is the reference value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,15 +16,31 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, check_target_ranks, merge_success, prepare_batch, resolve_target_ranks,
-    run_fori, use_host_loop)
+    N_TARGET_CLASSES,
+    AttackOutput,
+    check_target_ranks,
+    merge_success,
+    prepare_batch,
+    resolve_target_ranks,
+    run_fori,
+    use_host_loop,
+)
 from mmard_jax.attacks.common import (
-    ApplyFn, ascent_direction, example_keys, fold_keys, per_example, per_example_start, predicted_correctly,
-    project)
+    ApplyFn,
+    ascent_direction,
+    example_keys,
+    fold_keys,
+    per_example,
+    per_example_start,
+    predicted_correctly,
+    project,
+)
 from mmard_jax.losses import cross_entropy
 
-def apgd_checkpoints(n_iter: int, first_fraction: float = 0.22, min_fraction: float = 0.06,
-                     decrement_fraction: float = 0.03) -> tuple[tuple[int, int], ...]:
+
+def apgd_checkpoints(
+    n_iter: int, first_fraction: float = 0.22, min_fraction: float = 0.06, decrement_fraction: float = 0.03
+) -> tuple[tuple[int, int], ...]:
     """(iteration index, window length) of each step-size check, as the reference counts them.
 
     Sec. 3.2: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); the check after
@@ -53,6 +70,7 @@ class _Settings:
 
 def _loss_value_and_grad(apply_fn: ApplyFn, variables, loss: str, x, labels, targets):
     """Per-example loss, logits and d(sum of losses)/dx at x."""
+
     def total(x_):
         logits = apply_fn(variables, x_)
         if loss == "ce":
@@ -62,6 +80,7 @@ def _loss_value_and_grad(apply_fn: ApplyFn, variables, loss: str, x, labels, tar
         else:
             per_ex = losses.targeted_dlr_loss(logits, labels, targets)
         return jnp.sum(per_ex), (per_ex, logits)
+
     (_, (per_ex, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
     return per_ex, logits, grad
 
@@ -91,16 +110,25 @@ def _apgd_init(apply_fn: ApplyFn, settings: _Settings, consts, keys):
     loss, logits, grad = _loss_value_and_grad(apply_fn, variables, settings.loss, x_adv, labels, targets)
     batch = x.shape[0]
     return dict(
-        x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=loss,
-        x_best_adv=x_adv, robust=predicted_correctly(logits, labels),
+        x_adv=x_adv,
+        x_adv_old=x_adv,
+        grad=grad,
+        x_best=x_adv,
+        grad_best=grad,
+        loss_best=loss,
+        x_best_adv=x_adv,
+        robust=predicted_correctly(logits, labels),
         step_size=jnp.full((batch,), settings.step_size_factor, x.dtype) * eps,
         loss_steps=jnp.zeros((settings.n_iter, batch), x.dtype),
-        loss_best_last_check=loss, reduced_last_check=jnp.ones((batch,), bool))
+        loss_best_last_check=loss,
+        reduced_last_check=jnp.ones((batch,), bool),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _ApgdStep:
     """Iteration i of Alg. 1: momentum step, best-point bookkeeping, step-size check at checkpoints."""
+
     apply_fn: ApplyFn
     settings: _Settings
 
@@ -129,18 +157,24 @@ class _ApgdStep:
         check = is_checkpoint[i]
         halve = check & (oscillating | stalled)
         return dict(
-            x_adv=jnp.where(per_example(halve, x), x_best, x_new), x_adv_old=x_cur,
+            x_adv=jnp.where(per_example(halve, x), x_best, x_new),
+            x_adv_old=x_cur,
             grad=jnp.where(per_example(halve, x), grad_best, grad),
-            x_best=x_best, grad_best=grad_best, loss_best=loss_best, x_best_adv=x_best_adv,
+            x_best=x_best,
+            grad_best=grad_best,
+            loss_best=loss_best,
+            x_best_adv=x_best_adv,
             robust=st["robust"] & correct,
             step_size=jnp.where(halve, st["step_size"] / 2.0, st["step_size"]),
             loss_steps=loss_steps,
             loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
-            reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]))
+            reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]),
+        )
 
 
-def _apgd_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, labels, targets, keys, eps,
-                     attack_mask, host: bool) -> AttackOutput:
+def _apgd_single_run(
+    apply_fn: ApplyFn, settings: _Settings, variables, x, labels, targets, keys, eps, attack_mask, host: bool
+) -> AttackOutput:
     """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
     consts = (variables, x, labels, targets, eps)
     state = _apgd_init(apply_fn, settings, consts, keys)
@@ -149,22 +183,50 @@ def _apgd_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, label
     return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
 
 
-def _apgd_restarts(apply_fn, settings, batch, targets, keys, n_restarts, found: AttackOutput,
-                   host: bool) -> AttackOutput:
+def _apgd_restarts(
+    apply_fn, settings, batch, targets, keys, n_restarts, found: AttackOutput, host: bool
+) -> AttackOutput:
     """Reference `perturb`: each restart attacks only the rows of `batch` not fooled yet."""
     for restart in range(n_restarts):
         attacked = batch.attack_mask & ~found.fooled
-        new = _apgd_single_run(apply_fn, settings, batch.variables, batch.images, batch.labels, targets,
-                               fold_keys(keys, restart), batch.eps, attacked, host)
+        new = _apgd_single_run(
+            apply_fn,
+            settings,
+            batch.variables,
+            batch.images,
+            batch.labels,
+            targets,
+            fold_keys(keys, restart),
+            batch.eps,
+            attacked,
+            host,
+        )
         found = merge_success(found, new, attacked)
     return found
 
 
-def apgd(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float, norm: str = "linf",
-         loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
-         momentum: float = 0.75, step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
-         min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
-         loop: str = "auto", example_ids=None, active=None) -> AttackOutput:
+def apgd(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    labels,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    loss: str = "ce",
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    step_size_factor: float = 2.0,
+    first_checkpoint: float = 0.22,
+    min_checkpoint_gap: float = 0.06,
+    checkpoint_gap_decrement: float = 0.03,
+    loop: str = "auto",
+    example_ids=None,
+    active=None,
+) -> AttackOutput:
     """Untargeted APGD (Croce & Hein 2020, Sec. 3, Alg. 1) with loss 'ce' (APGD-CE) or 'dlr'.
 
     The network is ``apply_fn(variables, x) -> logits`` (apply_fn static and hashable, variables traced: one
@@ -178,23 +240,54 @@ def apgd(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: f
     driven (common.use_host_loop: 'auto', 'device' or 'host'; same results).
     """
     if loss not in ("ce", "dlr"):
-        raise ValueError(f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted "
-                         "runs the targeted DLR loss)")
+        raise ValueError(
+            f"loss={loss!r} is not supported by apgd; use 'ce' or 'dlr' (apgd_targeted runs the targeted DLR loss)"
+        )
     batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
-    settings = _Settings(norm, loss, n_iter, rho, momentum, step_size_factor,
-                         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
-                                          checkpoint_gap_decrement))
-    return _apgd_restarts(apply_fn, settings, batch, batch.labels, example_keys(key, batch.ids), n_restarts,
-                          batch.found, use_host_loop(loop))
+    settings = _Settings(
+        norm,
+        loss,
+        n_iter,
+        rho,
+        momentum,
+        step_size_factor,
+        apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap, checkpoint_gap_decrement),
+    )
+    return _apgd_restarts(
+        apply_fn,
+        settings,
+        batch,
+        batch.labels,
+        example_keys(key, batch.ids),
+        n_restarts,
+        batch.found,
+        use_host_loop(loop),
+    )
 
 
-def apgd_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
-                  norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
-                  n_restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                  step_size_factor: float = 2.0, first_checkpoint: float = 0.22,
-                  min_checkpoint_gap: float = 0.06, checkpoint_gap_decrement: float = 0.03,
-                  target_ranks=None, loop: str = "auto", example_ids=None,
-                  active=None) -> AttackOutput:
+def apgd_targeted(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    labels,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    n_target_classes: int = N_TARGET_CLASSES,
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    step_size_factor: float = 2.0,
+    first_checkpoint: float = 0.22,
+    min_checkpoint_gap: float = 0.06,
+    checkpoint_gap_decrement: float = 0.03,
+    target_ranks=None,
+    loop: str = "auto",
+    example_ids=None,
+    active=None,
+) -> AttackOutput:
     """APGD-T: APGD on the targeted DLR loss (Croce & Hein 2020, Sec. 4), run once per target.
 
     The targets are the classes ranked 2 .. n_target_classes + 1 by the clean logits (AutoAttack
@@ -205,12 +298,17 @@ def apgd_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, 
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
     batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     check_target_ranks(ranks, batch.clean_logits.shape[-1], min_classes=4)  # targeted DLR uses z_pi4
-    settings = _Settings(norm, "dlr-targeted", n_iter, rho, momentum, step_size_factor,
-                         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap,
-                                          checkpoint_gap_decrement))
+    settings = _Settings(
+        norm,
+        "dlr-targeted",
+        n_iter,
+        rho,
+        momentum,
+        step_size_factor,
+        apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap, checkpoint_gap_decrement),
+    )
     keys, host, found = example_keys(key, batch.ids), use_host_loop(loop), batch.found
     for rank in ranks:
         targets = losses.ranked_class(batch.clean_logits, rank)
-        found = _apgd_restarts(apply_fn, settings, batch, targets, fold_keys(keys, rank), n_restarts, found,
-                               host)
+        found = _apgd_restarts(apply_fn, settings, batch, targets, fold_keys(keys, rank), n_restarts, found, host)
     return found

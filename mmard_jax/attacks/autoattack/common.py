@@ -2,6 +2,7 @@
 
 The attack vocabulary (norms, projection, starts, per-example keys) lives in `mmard_jax.attacks.common`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmard_jax.attacks.common import (
-    ApplyFn, check_apply_fn, check_non_negative, check_norm, logits_of, per_example, predicted_correctly)
+    ApplyFn,
+    check_apply_fn,
+    check_non_negative,
+    check_norm,
+    logits_of,
+    per_example,
+    predicted_correctly,
+)
 
 N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the classes ranked 2..10
 
@@ -20,6 +28,7 @@ N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the class
 class AttackOutput(NamedTuple):
     """adversarial: [B, ...] (the clean input where nothing was found); fooled: bool [B], True iff
     `adversarial` is misclassified (clean-misclassified rows count as fooled with the clean input)."""
+
     adversarial: jax.Array
     fooled: jax.Array
 
@@ -43,6 +52,7 @@ class Batch(NamedTuple):
     """An attack's validated inputs. variables: the network's, on device; attack_mask: active rows classified
     correctly (the ones to attack); found: the starting output, where misclassified active rows already count as
     fooled."""
+
     variables: object
     images: jax.Array
     labels: jax.Array
@@ -53,8 +63,9 @@ class Batch(NamedTuple):
     found: AttackOutput
 
 
-def prepare_batch(apply_fn: ApplyFn, variables, images, labels, eps: float, norm: str, example_ids=None,
-                  active=None) -> Batch:
+def prepare_batch(
+    apply_fn: ApplyFn, variables, images, labels, eps: float, norm: str, example_ids=None, active=None
+) -> Batch:
     """Check the arguments shared by every attack and classify the clean inputs once."""
     check_apply_fn(apply_fn)
     check_norm(norm)
@@ -65,8 +76,9 @@ def prepare_batch(apply_fn: ApplyFn, variables, images, labels, eps: float, norm
     variables = jax.tree.map(jnp.asarray, variables)  # moved to the device once, not at every iteration
     clean_logits = logits_of(apply_fn, variables, images)
     correct = predicted_correctly(clean_logits, labels)
-    return Batch(variables, images, labels, ids, eps, clean_logits, mask & correct,
-                 AttackOutput(images, mask & ~correct))
+    return Batch(
+        variables, images, labels, ids, eps, clean_logits, mask & correct, AttackOutput(images, mask & ~correct)
+    )
 
 
 def merge_success(best: AttackOutput, new: AttackOutput, attacked: jax.Array) -> AttackOutput:
@@ -86,9 +98,11 @@ def resolve_target_ranks(n_target_classes: int, ranks=None) -> tuple[int, ...]:
 
 def check_target_ranks(ranks: tuple[int, ...], n_classes: int, min_classes: int = 2) -> None:
     if n_classes < min_classes or max(ranks) > n_classes:
-        raise ValueError(f"n_target_classes / target_ranks {ranks}: the model has {n_classes} classes, so "
-                         f"at most {n_classes - 1} targets (rank <= {n_classes}); this attack needs at "
-                         f"least {min_classes} classes")
+        raise ValueError(
+            f"n_target_classes / target_ranks {ranks}: the model has {n_classes} classes, so "
+            f"at most {n_classes - 1} targets (rank <= {n_classes}); this attack needs at "
+            f"least {min_classes} classes"
+        )
 
 
 # ----------------------------------------------------------------------------- iteration drivers
@@ -132,6 +146,7 @@ def _device_while(step, condition, n, consts, state):
     def advance(carry):
         i, st = carry
         return i + 1, step(consts, i, st)
+
     return jax.lax.while_loop(keep_going, advance, (jnp.int32(0), state))[1]
 
 

@@ -7,6 +7,7 @@ original point, alpha_max) and Sec. 3.3 (backward step beta after each success).
 version (AutoAttack, Croce & Hein 2020, Sec. 4) linearises z_t - z_y for the classes ranked
 2 .. n_target_classes + 1 at the clean input.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,15 +19,30 @@ import jax.numpy as jnp
 
 from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
-    N_TARGET_CLASSES, AttackOutput, check_target_ranks, merge_success, prepare_batch, resolve_target_ranks,
-    run_fori, use_host_loop)
+    N_TARGET_CLASSES,
+    AttackOutput,
+    check_target_ranks,
+    merge_success,
+    prepare_batch,
+    resolve_target_ranks,
+    run_fori,
+    use_host_loop,
+)
 from mmard_jax.attacks.common import (
-    ApplyFn, example_keys, flat, fold_keys, lp_norm, per_example, per_example_start, predicted_correctly)
+    ApplyFn,
+    example_keys,
+    flat,
+    fold_keys,
+    lp_norm,
+    per_example,
+    per_example_start,
+    predicted_correctly,
+)
 
-NO_DISTANCE = 1e10      # reference: res2 = 1e10 * ones ("nothing found yet")
-MIN_STEP_NORM = 1e-8    # reference: a0 = max(a0, 1e-8)
-L2_TINY_WEIGHT = 1e-8   # reference projection_l2: |w| < 1e-8 counts as zero
-L2_RATIO_CLAMP = 1e12   # reference projection_l2: clamp of the breakpoints t / w
+NO_DISTANCE = 1e10  # reference: res2 = 1e10 * ones ("nothing found yet")
+MIN_STEP_NORM = 1e-8  # reference: a0 = max(a0, 1e-8)
+L2_TINY_WEIGHT = 1e-8  # reference projection_l2: |w| < 1e-8 counts as zero
+L2_RATIO_CLAMP = 1e12  # reference projection_l2: clamp of the breakpoints t / w
 
 
 def _safe_div(num, den):
@@ -53,20 +69,19 @@ def project_hyperplane_linf(point: jax.Array, w: jax.Array, b: jax.Array) -> jax
     w, b = w * sign, b * sign
     towards_one = (w < 0).astype(point.dtype)
     used = (w != 0).astype(point.dtype)
-    d_box = (towards_one - point) * used          # furthest move within the box
-    room = towards_one - point * (2 * towards_one - 1)   # |d_box| where used
+    d_box = (towards_one - point) * used  # furthest move within the box
+    room = towards_one - point * (2 * towards_one - 1)  # |d_box| where used
     ascending = jnp.argsort(room)
     descending = ascending[::-1]
-    needed = b - jnp.dot(w, point)                # <w, d> must equal this (<= 0)
-    box_change = jnp.dot(w, d_box)                # <w, d> with every coordinate at its face
+    needed = b - jnp.dot(w, point)  # <w, d> must equal this (<= 0)
+    box_change = jnp.dot(w, d_box)  # <w, d> with every coordinate at its face
     w_desc = w[descending]
     slope = jnp.cumsum(jnp.abs(w_desc))
     offset = jnp.cumsum(-w_desc * d_box[descending]) + box_change
     within_smallest_room = needed - (offset[-1] - slope[-1] * room[ascending[0]]) > 0
     reachable = (needed - box_change > 0) & ~within_smallest_room
 
-    lb = _binary_search(point.shape[0],
-                        lambda mid: needed - (offset[mid] - slope[mid] * room[descending[mid]]) > 0)
+    lb = _binary_search(point.shape[0], lambda mid: needed - (offset[mid] - slope[mid] * room[descending[mid]]) > 0)
     lam_small = jnp.maximum(_safe_div(needed - offset[-1], -slope[-1]), 0.0)
     lam = jnp.maximum(_safe_div(needed - offset[lb], -slope[lb]), 0.0)
     d_small = (2 * towards_one - 1) * lam_small
@@ -90,7 +105,7 @@ def project_hyperplane_l2(point: jax.Array, w: jax.Array, b: jax.Array) -> jax.A
     r_next = jnp.concatenate([r_sorted[1:], jnp.zeros((1,), r_sorted.dtype)])
     r_sorted = jnp.where(r_sorted == L2_RATIO_CLAMP, 0.0, r_sorted)
     r_next = jnp.where(r_next == L2_RATIO_CLAMP, 0.0, r_next)
-    w2_sorted = (w ** 2)[order]
+    w2_sorted = (w**2)[order]
     w2_total = jnp.sum(w2_sorted)
     w2_rest = w2_total - jnp.cumsum(w2_sorted)
     d_box = -(ratio * w) * used
@@ -122,10 +137,12 @@ class _Settings:
 
 def _targeted_difference_and_grad(logits_fn, x, labels, targets):
     """z_t - z_y per example (the reference's -(y[la] - y[la_target])) and its input gradient."""
+
     def total(x_):
         logits = logits_fn(x_)
         diff = losses.class_logit(logits, targets) - losses.class_logit(logits, labels)
         return jnp.sum(diff), diff
+
     (_, diff), grad = jax.value_and_grad(total, has_aux=True)(x)
     return diff, grad
 
@@ -142,6 +159,7 @@ def _fab_init(norm: str, start_randomly: bool, x, keys, eps, random_start_scale)
 class _FabStep:
     """One FAB iteration: linearise z_t - z_y at x1, project x1 and x onto that hyperplane, take the
     biased extrapolated step, keep the closest adversarial point and step back towards x after a success."""
+
     apply_fn: ApplyFn
     settings: _Settings
 
@@ -175,26 +193,57 @@ class _FabStep:
 def _fab_finish(apply_fn: ApplyFn, norm: str, variables, x, labels, best, best_distance, eps, attack_mask):
     """Reference `perturb`: a success must be misclassified and within eps."""
     candidate = jnp.where(per_example(best_distance < NO_DISTANCE, x), best, x)
-    fooled = (attack_mask & ~predicted_correctly(apply_fn(variables, candidate), labels)
-              & (lp_norm(candidate - x, norm) <= eps))
+    fooled = (
+        attack_mask
+        & ~predicted_correctly(apply_fn(variables, candidate), labels)
+        & (lp_norm(candidate - x, norm) <= eps)
+    )
     return AttackOutput(jnp.where(per_example(fooled, x), candidate, x), fooled)
 
 
-def _fab_targeted_single_run(apply_fn: ApplyFn, settings: _Settings, start_randomly: bool,
-                             random_start_scale: float, variables, x, labels, targets, keys, eps, attack_mask,
-                             host: bool) -> AttackOutput:
+def _fab_targeted_single_run(
+    apply_fn: ApplyFn,
+    settings: _Settings,
+    start_randomly: bool,
+    random_start_scale: float,
+    variables,
+    x,
+    labels,
+    targets,
+    keys,
+    eps,
+    attack_mask,
+    host: bool,
+) -> AttackOutput:
     """One FAB-T run (reference `attack_single_run`, is_targeted=True) over a fixed-shape batch."""
     state = _fab_init(settings.norm, start_randomly, x, keys, eps, random_start_scale)
-    _, best, best_distance = run_fori(_FabStep(apply_fn, settings), settings.n_iter,
-                                      (variables, x, labels, targets), state, host)
+    _, best, best_distance = run_fori(
+        _FabStep(apply_fn, settings), settings.n_iter, (variables, x, labels, targets), state, host
+    )
     return _fab_finish(apply_fn, settings.norm, variables, x, labels, best, best_distance, eps, attack_mask)
 
 
-def fab_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
-                 norm: str = "linf", n_target_classes: int = N_TARGET_CLASSES, n_iter: int = 100,
-                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 random_start_scale: float = 0.5, target_ranks=None, loop: str = "auto",
-                 example_ids=None, active=None) -> AttackOutput:
+def fab_targeted(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    labels,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    n_target_classes: int = N_TARGET_CLASSES,
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    random_start_scale: float = 0.5,
+    target_ranks=None,
+    loop: str = "auto",
+    example_ids=None,
+    active=None,
+) -> AttackOutput:
     """FAB-T (FAB paper Sec. 3; AutoAttack Sec. 4) with AutoAttack's 'standard' settings as defaults.
 
     alpha_max = 0.1 (largest weight of the original point's projection), eta = 1.05 (overshoot),
@@ -215,7 +264,18 @@ def fab_targeted(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *
         for restart in range(n_restarts):
             attacked = batch.attack_mask & ~found.fooled
             new = _fab_targeted_single_run(
-                apply_fn, settings, restart > 0, random_start_scale, batch.variables, batch.images, batch.labels,
-                targets, fold_keys(fold_keys(keys, rank), restart), batch.eps, attacked, host)
+                apply_fn,
+                settings,
+                restart > 0,
+                random_start_scale,
+                batch.variables,
+                batch.images,
+                batch.labels,
+                targets,
+                fold_keys(fold_keys(keys, rank), restart),
+                batch.eps,
+                attacked,
+                host,
+            )
             found = merge_success(found, new, attacked)
     return found

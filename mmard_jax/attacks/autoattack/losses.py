@@ -4,6 +4,7 @@ All functions take logits [B, K] and integer labels [B] and return one value per
 DLR and targeted DLR follow Croce & Hein (2020), "Reliable evaluation of adversarial robustness
 with an ensemble of diverse parameter-free attacks", Sec. 4 (eq. 6 and the targeted variant).
 """
+
 from __future__ import annotations
 
 import jax
@@ -19,8 +20,7 @@ def class_logit(logits: jax.Array, classes: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, classes[:, None], axis=1)[:, 0]
 
 
-def dlr_loss(logits: jax.Array, labels: jax.Array,
-             denominator_eps: float = DLR_DENOMINATOR_EPS) -> jax.Array:
+def dlr_loss(logits: jax.Array, labels: jax.Array, denominator_eps: float = DLR_DENOMINATOR_EPS) -> jax.Array:
     """Difference of Logits Ratio: -(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3 + eps).
 
     pi sorts the logits in decreasing order (Croce & Hein 2020, Sec. 4, eq. 6). Needs >= 3 classes.
@@ -29,8 +29,9 @@ def dlr_loss(logits: jax.Array, labels: jax.Array,
     return -margin(logits, labels) / (ordered[:, -1] - ordered[:, -3] + denominator_eps)
 
 
-def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array,
-                      denominator_eps: float = DLR_DENOMINATOR_EPS) -> jax.Array:
+def targeted_dlr_loss(
+    logits: jax.Array, labels: jax.Array, targets: jax.Array, denominator_eps: float = DLR_DENOMINATOR_EPS
+) -> jax.Array:
     """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + eps).
 
     Croce & Hein (2020), Sec. 4 ("targeted DLR loss"). Needs >= 4 classes.

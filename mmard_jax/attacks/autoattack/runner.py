@@ -5,13 +5,14 @@ as robust only if every attack fails. Every example an attack claims is re-check
 forward pass (inside the eps-ball up to a tolerance, inside [0, 1], misclassified); a rejected claim is
 logged, counted in `recheck_failures` and the point stays robust.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from mmard_jax.attacks.autoattack.square import square_attack
 from mmard_jax.attacks.common import ApplyFn, check_apply_fn, check_norm, logits_of, lp_norm, predicted_correctly
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # reference set_version('standard')
-RECHECK_TOLERANCE = 1e-6       # slack on ||x_adv - x|| <= eps for float32 rounding
+RECHECK_TOLERANCE = 1e-6  # slack on ||x_adv - x|| <= eps for float32 rounding
 SQUARE_WARNING_MARGIN = 0.002  # reference checks.check_square_sr: alpha = .002
 _RESERVED_OVERRIDES = ("eps", "norm", "example_ids", "active")
 
@@ -34,6 +35,7 @@ _RESERVED_OVERRIDES = ("eps", "norm", "example_ids", "active")
 @dataclasses.dataclass
 class AutoAttackResult:
     """Outcome of `run_autoattack`; accuracies are fractions in [0, 1] over all N examples."""
+
     clean_accuracy: float
     robust_accuracy: float
     per_attack: dict[str, float]
@@ -48,7 +50,11 @@ def _apgd_ce(apply_fn, variables, images, labels, key, **kwargs) -> AttackOutput
 
 
 _ATTACK_FUNCTIONS: dict[str, Callable[..., AttackOutput]] = {
-    "apgd-ce": _apgd_ce, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square_attack}
+    "apgd-ce": _apgd_ce,
+    "apgd-t": apgd_targeted,
+    "fab-t": fab_targeted,
+    "square": square_attack,
+}
 
 
 _TARGETED = ("apgd-t", "fab-t")
@@ -59,8 +65,7 @@ def _passes(attack: str, settings: dict) -> list[tuple[str, dict]]:
     that, as in the reference, each target attacks only the points still robust."""
     if attack not in _TARGETED:
         return [(attack, settings)]
-    ranks = resolve_target_ranks(settings.get("n_target_classes", N_TARGET_CLASSES),
-                                 settings.get("target_ranks"))
+    ranks = resolve_target_ranks(settings.get("n_target_classes", N_TARGET_CLASSES), settings.get("target_ranks"))
     return [(f"{attack} (target rank {rank})", {**settings, "target_ranks": (rank,)}) for rank in ranks]
 
 
@@ -77,15 +82,31 @@ def _valid_adversarial(apply_fn: ApplyFn, norm: str, variables, images, adversar
     return in_ball & in_box & finite & ~predicted_correctly(apply_fn(variables, adversarial), labels)
 
 
-def verify_adversarial(apply_fn: ApplyFn, variables, images, adversarial, labels, *, eps: float,
-                       norm: str = "linf", tolerance: float = RECHECK_TOLERANCE) -> np.ndarray:
+def verify_adversarial(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    adversarial,
+    labels,
+    *,
+    eps: float,
+    norm: str = "linf",
+    tolerance: float = RECHECK_TOLERANCE,
+) -> np.ndarray:
     """bool [N]: adversarial[i] is within eps (+ tolerance) of images[i], in [0, 1] and misclassified by
     ``apply_fn(variables, .)``."""
     check_apply_fn(apply_fn)
     check_norm(norm)
-    valid = _valid_adversarial(apply_fn, norm, variables, jnp.asarray(images, jnp.float32),
-                               jnp.asarray(adversarial, jnp.float32), jnp.asarray(labels, jnp.int32),
-                               jnp.float32(check_eps(eps)), jnp.float32(tolerance))
+    valid = _valid_adversarial(
+        apply_fn,
+        norm,
+        variables,
+        jnp.asarray(images, jnp.float32),
+        jnp.asarray(adversarial, jnp.float32),
+        jnp.asarray(labels, jnp.int32),
+        jnp.float32(check_eps(eps)),
+        jnp.float32(tolerance),
+    )
     return np.asarray(valid)
 
 
@@ -107,7 +128,7 @@ class _Batches:
         self.sharding = parallel.batch_sharded(mesh)
 
     def split(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [rows[i:i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
+        return [rows[i : i + self.batch_size] for i in range(0, rows.size, self.batch_size)]
 
     def place(self, rows: np.ndarray, *arrays: np.ndarray):
         """Pad `rows` by repeating its first entry, gather each array and shard it along the batch."""
@@ -115,14 +136,12 @@ class _Batches:
         padded = np.concatenate([rows, np.full(size - rows.size, rows[0], rows.dtype)])
         active = np.arange(size) < rows.size
         placed = [jax.device_put(a[padded], self.sharding) for a in arrays]
-        return placed, jax.device_put(padded.astype(np.int32), self.sharding), \
-            jax.device_put(active, self.sharding)
+        return placed, jax.device_put(padded.astype(np.int32), self.sharding), jax.device_put(active, self.sharding)
 
 
 def _attack_plan(version: str, attacks) -> tuple[str, ...]:
     if version not in ("standard", "custom"):
-        raise ValueError(f"version={version!r} is not supported; use 'standard' or 'custom' "
-                         "(with `attacks`)")
+        raise ValueError(f"version={version!r} is not supported; use 'standard' or 'custom' (with `attacks`)")
     if attacks is None:
         if version == "custom":
             raise ValueError("version='custom' needs `attacks`, e.g. ('apgd-ce', 'square')")
@@ -139,8 +158,10 @@ def _attack_settings(attacks: tuple[str, ...], overrides: dict) -> dict[str, dic
     settings = {a: {} for a in attacks}
     for name, values in overrides.items():
         if name not in allowed or not isinstance(values, dict):
-            raise ValueError(f"unknown override {name}={values!r}: pass a dict of parameters as one "
-                             f"of {tuple(allowed)}, e.g. apgd_ce=dict(n_iter=10)")
+            raise ValueError(
+                f"unknown override {name}={values!r}: pass a dict of parameters as one "
+                f"of {tuple(allowed)}, e.g. apgd_ce=dict(n_iter=10)"
+            )
         reserved = [k for k in values if k in _RESERVED_OVERRIDES]
         if reserved:
             raise ValueError(f"override {name} may not set {reserved}: the runner sets them")
@@ -160,11 +181,23 @@ def _check_inputs(images: np.ndarray, labels: np.ndarray, batch_size: int) -> No
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
 
 
-def run_autoattack(apply_fn: ApplyFn, variables, images, labels, *, eps: float, norm: str = "linf",
-                   version: str = "standard", seed: int = 0, batch_size: int = 500,
-                   attacks: tuple[str, ...] | None = None, progress: bool = False,
-                   log: Callable[[str], None] | None = print, mesh: Mesh | None = None,
-                   **attack_overrides: dict) -> AutoAttackResult:
+def run_autoattack(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    labels,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    seed: int = 0,
+    batch_size: int = 500,
+    attacks: tuple[str, ...] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+    mesh: Mesh | None = None,
+    **attack_overrides: dict,
+) -> AutoAttackResult:
     """Run AutoAttack ('standard': APGD-CE, APGD-T, FAB-T, Square) on (images, labels).
 
     The network is ``apply_fn(variables, x) -> logits`` on float NHWC images in [0, 1], e.g.
@@ -201,7 +234,7 @@ def run_autoattack(apply_fn: ApplyFn, variables, images, labels, *, eps: float, 
     robust = np.zeros(n, bool)
     for rows in batches.split(np.arange(n)):
         (x, y), _, _ = batches.place(rows, images_np, labels_np)
-        robust[rows] = np.asarray(predicted_correctly(logits_of(apply_fn, variables, x), y))[:rows.size]
+        robust[rows] = np.asarray(predicted_correctly(logits_of(apply_fn, variables, x), y))[: rows.size]
     clean_accuracy = float(robust.mean())
     emit(f"initial accuracy: {clean_accuracy:.2%}")
 
@@ -216,34 +249,55 @@ def run_autoattack(apply_fn: ApplyFn, variables, images, labels, *, eps: float, 
             chunks = batches.split(np.flatnonzero(robust))
             if progress:
                 import tqdm
+
                 chunks = tqdm.tqdm(chunks, desc=label)
             for index, rows in enumerate(chunks):
                 (x, y), ids, active = batches.place(rows, images_np, labels_np)
-                out = _ATTACK_FUNCTIONS[attack](apply_fn, variables, x, y, key, eps=eps, norm=norm,
-                                                example_ids=ids, active=active, **kwargs)
-                claimed = np.asarray(out.fooled)[:rows.size]
-                valid = np.asarray(_valid_adversarial(apply_fn, norm, variables, x, out.adversarial, y,
-                                                      jnp.float32(eps), jnp.float32(RECHECK_TOLERANCE)))
-                accepted = claimed & valid[:rows.size]
+                out = _ATTACK_FUNCTIONS[attack](
+                    apply_fn, variables, x, y, key, eps=eps, norm=norm, example_ids=ids, active=active, **kwargs
+                )
+                claimed = np.asarray(out.fooled)[: rows.size]
+                valid = np.asarray(
+                    _valid_adversarial(
+                        apply_fn,
+                        norm,
+                        variables,
+                        x,
+                        out.adversarial,
+                        y,
+                        jnp.float32(eps),
+                        jnp.float32(RECHECK_TOLERANCE),
+                    )
+                )
+                accepted = claimed & valid[: rows.size]
                 rejected = int(np.sum(claimed & ~accepted))
                 robust[rows[accepted]] = False
-                adversarial[rows[accepted]] = np.asarray(out.adversarial)[:rows.size][accepted]
+                adversarial[rows[accepted]] = np.asarray(out.adversarial)[: rows.size][accepted]
                 where = f"{label} - {index + 1}/{len(chunks)}"
                 emit(f"{where} - {int(accepted.sum())} out of {rows.size} successfully perturbed")
                 if rejected:
                     recheck_failures += rejected
-                    emit(f"Warning: {where} - the re-check rejected {rejected} claimed adversarial "
-                         "examples (outside the eps-ball or [0, 1], or classified correctly); they count "
-                         "as robust")
+                    emit(
+                        f"Warning: {where} - the re-check rejected {rejected} claimed adversarial "
+                        "examples (outside the eps-ball or [0, 1], or classified correctly); they count "
+                        "as robust"
+                    )
         per_attack[attack] = float(robust.mean())
-        emit(f"robust accuracy after {attack.upper()}: {per_attack[attack]:.2%} "
-             f"(total time {time.time() - start:.1f} s)")
+        emit(
+            f"robust accuracy after {attack.upper()}: {per_attack[attack]:.2%} (total time {time.time() - start:.1f} s)"
+        )
 
     _warn_if_square_helped(per_attack, emit)
     _log_final_check(images_np, adversarial, norm, float(robust.mean()), emit)
-    return AutoAttackResult(clean_accuracy=clean_accuracy, robust_accuracy=float(robust.mean()),
-                            per_attack=per_attack, adversarial=adversarial, robust_mask=robust,
-                            recheck_failures=recheck_failures, log_lines=lines)
+    return AutoAttackResult(
+        clean_accuracy=clean_accuracy,
+        robust_accuracy=float(robust.mean()),
+        per_attack=per_attack,
+        adversarial=adversarial,
+        robust_mask=robust,
+        recheck_failures=recheck_failures,
+        log_lines=lines,
+    )
 
 
 def _warn_if_square_helped(per_attack: dict[str, float], emit) -> None:
@@ -252,15 +306,18 @@ def _warn_if_square_helped(per_attack: dict[str, float], emit) -> None:
     if "square" in per_attack and others:
         best_other = min(others)
         if per_attack["square"] < best_other - SQUARE_WARNING_MARGIN:
-            emit(f"Warning: Square Attack has decreased the robust accuracy of "
-                 f"{best_other - per_attack['square']:.2%}. This might indicate that the robustness "
-                 "evaluation using AutoAttack is unreliable (e.g. masked gradients).")
+            emit(
+                f"Warning: Square Attack has decreased the robust accuracy of "
+                f"{best_other - per_attack['square']:.2%}. This might indicate that the robustness "
+                "evaluation using AutoAttack is unreliable (e.g. masked gradients)."
+            )
 
 
-def _log_final_check(images: np.ndarray, adversarial: np.ndarray, norm: str, robust_accuracy: float,
-                     emit) -> None:
+def _log_final_check(images: np.ndarray, adversarial: np.ndarray, norm: str, robust_accuracy: float, emit) -> None:
     delta = (adversarial - images).reshape(images.shape[0], -1)
-    sizes = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
-    emit(f"max {norm} perturbation: {sizes.max():.5f}, nan in tensor: {int(np.isnan(adversarial).sum())}, "
-         f"max: {adversarial.max():.5f}, min: {adversarial.min():.5f}")
+    sizes = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
+    emit(
+        f"max {norm} perturbation: {sizes.max():.5f}, nan in tensor: {int(np.isnan(adversarial).sum())}, "
+        f"max: {adversarial.max():.5f}, min: {adversarial.min():.5f}"
+    )
     emit(f"robust accuracy: {robust_accuracy:.2%}")

@@ -8,6 +8,7 @@ tiles as initialisation; each query moves the mass of a second window into a fir
 as old direction + a fresh tile, so the perturbation keeps norm eps). AutoAttack 'standard' runs
 5,000 queries, 1 restart, p_init = 0.8 and the un-rescaled schedule (resc_schedule=False).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,14 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack.common import AttackOutput, merge_success, prepare_batch, run_while, use_host_loop
 from mmard_jax.attacks.common import (
-    NORMALIZE_EPS, ApplyFn, example_keys, fold_keys, per_example, predicted_correctly, project)
+    NORMALIZE_EPS,
+    ApplyFn,
+    example_keys,
+    fold_keys,
+    per_example,
+    predicted_correctly,
+    project,
+)
 from mmard_jax.losses import margin
 
 # Reference `p_selection`: p = p_init / divisor once the iteration exceeds the bound (10 < it <= 50: /2, ...).
@@ -29,20 +37,22 @@ P_SCHEDULE_DIVISORS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 RESCALE_REFERENCE_QUERIES = 10000  # reference: it = int(it / n_queries * 10000) when rescaling
 
 
-def square_fraction(iteration: int, p_init: float = 0.8, n_queries: int = 5000,
-                    rescale_schedule: bool = False) -> float:
+def square_fraction(
+    iteration: int, p_init: float = 0.8, n_queries: int = 5000, rescale_schedule: bool = False
+) -> float:
     """Fraction p of pixels a square covers at `iteration` (Square paper Sec. 3.1; reference p_selection)."""
     if rescale_schedule:
         iteration = int(iteration / n_queries * RESCALE_REFERENCE_QUERIES)
     p = p_init
-    for bound, divisor in zip(P_SCHEDULE_BOUNDS, P_SCHEDULE_DIVISORS):
+    for bound, divisor in zip(P_SCHEDULE_BOUNDS, P_SCHEDULE_DIVISORS, strict=True):
         if iteration > bound:
             p = p_init / divisor
     return p
 
 
-def square_sizes(n_queries: int, height: int, width: int, p_init: float = 0.8,
-                 rescale_schedule: bool = False, norm: str = "linf") -> np.ndarray:
+def square_sizes(
+    n_queries: int, height: int, width: int, p_init: float = 0.8, rescale_schedule: bool = False, norm: str = "linf"
+) -> np.ndarray:
     """Side s of the square at each iteration, at most min(h, w).
 
     L-inf: max(round(sqrt(p * h * w)), 1). L2: max(round(sqrt(p * h * w)), 3), made odd (+1 if even),
@@ -70,14 +80,14 @@ def nested_rectangles(rows: int, cols: int) -> np.ndarray:
     ring = np.maximum(np.abs(np.arange(rows)[:, None] - rows // 2), np.abs(np.arange(cols)[None, :] - cols // 2))
     tail = np.cumsum((1.0 / np.arange(1, n_rings + 1) ** 2)[::-1])[::-1]  # tail[r] = sum_{k >= r} 1/(k+1)^2
     pattern = tail[ring]
-    return pattern / np.sqrt(np.sum(pattern ** 2))
+    return pattern / np.sqrt(np.sum(pattern**2))
 
 
 def pseudo_gaussian_tile(side: int) -> np.ndarray:
     """The L2 update tile eta(s): top half +, bottom half - nested rectangles, unit L2 norm."""
     top = side // 2
     tile = np.concatenate([nested_rectangles(top, side), -nested_rectangles(side - top, side)], axis=0)
-    return tile / np.sqrt(np.sum(tile ** 2))
+    return tile / np.sqrt(np.sum(tile**2))
 
 
 def l2_init_tiles(height: int, width: int) -> np.ndarray:
@@ -94,8 +104,8 @@ def l2_init_tiles(height: int, width: int) -> np.ndarray:
         for b in range(width // side):
             row, col = start + a * side, start + b * side
             canvas = np.zeros((2, height + side, width + side))
-            canvas[0, row:row + side, col:col + side] = tile
-            canvas[1, row:row + side, col:col + side] = tile.T
+            canvas[0, row : row + side, col : col + side] = tile
+            canvas[1, row : row + side, col : col + side] = tile.T
             canvases.append(canvas[:, :height, :width])
     return np.stack(canvases).astype(np.float32)
 
@@ -165,11 +175,11 @@ def _l2_proposal(key, side, tile, x, x_best, eps):
     fresh = _place(tile, *origin, height, width)[..., None]
     old_direction = jnp.where(first, delta, 0.0) / (NORMALIZE_EPS + _channel_norm(delta, first))
     proposal = fresh * _random_signs(k_sign, (channels,), x.dtype) + old_direction
-    budget_left = jnp.maximum(eps ** 2 - jnp.sum(delta ** 2), 0.0) / channels
+    budget_left = jnp.maximum(eps**2 - jnp.sum(delta**2), 0.0) / channels
     target = jnp.sqrt(budget_left + _channel_norm(delta, first | second) ** 2)
     proposal = proposal / (NORMALIZE_EPS + _channel_norm(proposal, first)) * target
     delta = jnp.where(first, proposal, jnp.where(second, 0.0, delta))
-    scale = eps / (jnp.sqrt(jnp.sum(delta ** 2)) + NORMALIZE_EPS)
+    scale = eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS)
     return jnp.clip(x + delta * scale, 0.0, 1.0)
 
 
@@ -188,7 +198,7 @@ def _l2_init(key, x, eps):
     flips = jax.random.bernoulli(k_flip, 0.5, (tiles.shape[0],)).astype(jnp.int32)
     chosen = jnp.take_along_axis(tiles, flips[:, None, None, None], axis=1)[:, 0]
     delta = jnp.einsum("thw,tc->hwc", chosen, _random_signs(k_sign, (tiles.shape[0], channels), x.dtype))
-    return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta ** 2)) + NORMALIZE_EPS), 0.0, 1.0)
+    return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
@@ -213,6 +223,7 @@ class _AnyLeft:
 class _SquareStep:
     """One query: a random square-shaped change of x_best, kept if the margin loss drops or the point is
     misclassified. Rows already fooled (margin <= 0) or masked out are left unchanged."""
+
     apply_fn: ApplyFn
     settings: _Settings
 
@@ -237,7 +248,8 @@ class _SquareStep:
         sides = square_sizes(s.n_queries, height, width, s.p_init, s.rescale_schedule, s.norm)
         if s.norm == "linf":
             updates = jax.vmap(_linf_update, in_axes=(0, None, None, None, None))(
-                keys, jnp.asarray(sides)[i], x.shape[1:], eps, x.dtype)
+                keys, jnp.asarray(sides)[i], x.shape[1:], eps, x.dtype
+            )
             return project(x_best + updates, x, eps, "linf")
         distinct, index = np.unique(sides, return_inverse=True)
         largest = int(distinct.max())
@@ -246,7 +258,8 @@ class _SquareStep:
             tiles[k, :side, :side] = pseudo_gaussian_tile(int(side))
         k = jnp.asarray(index)[i]
         return jax.vmap(_l2_proposal, in_axes=(0, None, None, 0, 0, None))(
-            keys, jnp.asarray(distinct)[k], jnp.asarray(tiles)[k], x, x_best, eps)
+            keys, jnp.asarray(distinct)[k], jnp.asarray(tiles)[k], x, x_best, eps
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -255,8 +268,9 @@ def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attack_mask)
     return AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled)
 
 
-def _square_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, labels, keys, eps,
-                       attack_mask, host: bool) -> AttackOutput:
+def _square_single_run(
+    apply_fn: ApplyFn, settings: _Settings, variables, x, labels, keys, eps, attack_mask, host: bool
+) -> AttackOutput:
     """One Square run (reference `attack_single_run`, margin loss) over a fixed-shape batch.
 
     Each iteration costs one forward pass; the loop stops once no row is left to fool. Randomness
@@ -264,15 +278,27 @@ def _square_single_run(apply_fn: ApplyFn, settings: _Settings, variables, x, lab
     """
     state = _square_init(apply_fn, settings.norm, variables, x, labels, fold_keys(keys, settings.n_queries), eps)
     consts = (variables, x, labels, keys, eps, attack_mask)
-    x_best, _, _ = run_while(_SquareStep(apply_fn, settings), _AnyLeft(), settings.n_queries, consts,
-                             state, host)
+    x_best, _, _ = run_while(_SquareStep(apply_fn, settings), _AnyLeft(), settings.n_queries, consts, state, host)
     return _square_finish(apply_fn, variables, x, labels, x_best, attack_mask)
 
 
-def square_attack(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, *, eps: float,
-                  norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
-                  rescale_schedule: bool = False, loop: str = "auto", example_ids=None,
-                  active=None) -> AttackOutput:
+def square_attack(
+    apply_fn: ApplyFn,
+    variables,
+    images,
+    labels,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    n_queries: int = 5000,
+    n_restarts: int = 1,
+    p_init: float = 0.8,
+    rescale_schedule: bool = False,
+    loop: str = "auto",
+    example_ids=None,
+    active=None,
+) -> AttackOutput:
     """Untargeted Square Attack on the margin loss (Square paper Sec. 3; Alg. 2 for L-inf, Alg. 3 for L2).
 
     Defaults are AutoAttack's: 5,000 queries per restart, 1 restart, p_init = 0.8, schedule of p
@@ -292,8 +318,16 @@ def square_attack(apply_fn: ApplyFn, variables, images, labels, key: jax.Array, 
         l2_init_tiles(*np.shape(images)[1:3])  # fails early on images too small for the L2 grid
     for restart in range(n_restarts):
         attacked = batch.attack_mask & ~found.fooled
-        new = _square_single_run(apply_fn, settings, batch.variables, batch.images, batch.labels,
-                                 fold_keys(keys, restart), batch.eps, attacked,
-                                 use_host_loop(loop, host_on_cpu=False))
+        new = _square_single_run(
+            apply_fn,
+            settings,
+            batch.variables,
+            batch.images,
+            batch.labels,
+            fold_keys(keys, restart),
+            batch.eps,
+            attacked,
+            use_host_loop(loop, host_on_cpu=False),
+        )
         found = merge_success(found, new, attacked)
     return found
