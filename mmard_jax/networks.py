@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,3 +67,25 @@ def inference_apply(module: nn.Module):
 def logits_function(network: Network):
     """x -> logits for a frozen network in inference mode (what attacks and evaluation call)."""
     return functools.partial(inference_logits, network.module, network.variables)
+
+
+def load_network(model_cfg, run_dir, *, num_classes: int, image_shape, dtype: str = "float32", which: str = "best"):
+    """(network, meta) from a run directory's 'best' or 'last' checkpoint, refused if the shapes do not fit."""
+    module = build_module(model_cfg, num_classes, dtype=dtype)
+    signature = ckpt_lib.shape_signature(abstract_variables(module, image_shape))
+    variables, meta = ckpt_lib.load_variables(ckpt_lib.checkpoint_dir(run_dir), which, signature)
+    return Network(module, variables), meta
+
+
+def saved_model_config(run_dir, fallback):
+    """The model section a checkpoint was saved with (an imported teacher knows its architecture and input
+    normalisation); ``fallback`` for a checkpoint that does not record one."""
+    meta = ckpt_lib.read_run_meta(run_dir)
+    saved = (meta or {}).get("model")
+    if not saved:
+        return fallback
+    if saved != json.loads(fallback.to_json()):
+        logging.getLogger(__name__).info(
+            "architecture from %s: %s (the config's model section is not used)", run_dir, saved
+        )
+    return ml_collections.ConfigDict(saved)

@@ -212,3 +212,15 @@ class StepProfiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+
+def write_results(workdir, summary: dict, table: str, histories: dict[str, list[dict]]) -> None:
+    """results.json, results.md and curves.png in ``workdir`` (process 0 only); prints the table."""
+    if jax.process_index() != 0:
+        return
+    workdir = storage.path(workdir)
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (workdir / "results.md").write_text(table, encoding="utf-8")
+    if any(histories.values()):
+        plot_curves(histories, workdir / "curves.png")
+    print(table, flush=True)

@@ -377,7 +377,7 @@ def test_distillation_from_an_imported_teacher_runs_end_to_end(tmp_path):
         "--config.optim.epochs=1",
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "teacher architecture from" in done.stderr  # config.teacher.model (a cnn) gave way to the checkpoint's
+    assert "architecture from" in done.stderr  # config.teacher.model (a cnn) gave way to the checkpoint's
     results = json.load(open(tmp_path / "run" / "results.json"))["results"]
     assert set(results) == {"teacher", "mmard"}
     assert 0.0 <= results["mmard"]["accuracy"]["pgd"] <= results["mmard"]["accuracy"]["clean"] <= 1.0
