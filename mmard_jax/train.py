@@ -421,6 +421,7 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                     )
                 )
                 epoch_sums: dict[str, float] = {}
+                epoch_start = time.perf_counter()
                 for images, labels in batches:
                     images, labels = parallel.global_batch((images, labels), mesh)
                     profiler.before_step(step)
@@ -457,13 +458,15 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
                     _record(pending, log, epoch_sums, config.log.every_steps)
                     pending = None
                 record = _epoch_record(epoch, step, epoch_sums, lr_at)
+                record["train_seconds"] = time.perf_counter() - epoch_start  # metrics were read: the steps are done
                 evaluation = None
                 last_epoch = epoch + 1 == optim.epochs
                 if eval_fn is not None and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
+                    eval_start = time.perf_counter()
                     evaluation = eval_fn(
                         Network(plain_module, {"params": state.params, "batch_stats": state.batch_stats})
                     )
-                    record.update(evaluation)
+                    record.update(evaluation, eval_seconds=time.perf_counter() - eval_start)
                 log.write("epoch", step, record)
                 epoch_records.append(record)
                 progress.write(reporting.epoch_line(job.name, record))
