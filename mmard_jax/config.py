@@ -252,8 +252,9 @@ def stages(config) -> tuple[str, ...]:
     """The configured stages as a tuple, validated."""
     names = tuple(s.strip() for s in config.stages.split(",") if s.strip())
     for name in names:
-        if name not in STAGES:
-            raise ValueError(f"config.stages: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+        checks.choice("config.stages", name, STAGES)
+    if not names:
+        checks.fail("config.stages", f"{config.stages!r} names no stage; use some of {', '.join(STAGES)}")
     return names
 
 
@@ -299,6 +300,10 @@ def _check_optim(prefix: str, optim, device_count: int) -> None:
             f"{optim.batch_size} must be a positive multiple of the device count ({device_count})",
         )
     _check_choice(f"{prefix}.schedule", optim.schedule, SCHEDULES)
+    checks.number(f"config.{prefix}.momentum", optim.momentum, low=0.0, high=1.0)
+    checks.number(f"config.{prefix}.decay_factor", optim.decay_factor, low=0.0)
+    checks.number(f"config.{prefix}.warmup_epochs", optim.warmup_epochs, low=0.0)
+    checks.number(f"config.{prefix}.grad_clip_norm", optim.grad_clip_norm, low=0.0)
     if list(optim.decay_epochs) != sorted(optim.decay_epochs):
         _fail(f"{prefix}.decay_epochs", f"{tuple(optim.decay_epochs)} must be increasing")
 
@@ -438,6 +443,16 @@ def validate(config, device_count: int = 1) -> RunPlan:
         _fail("checkpoint.keep", f"{config.checkpoint.keep} must be >= 1")
     if config.checkpoint.every_steps < 1:
         _fail("checkpoint.every_steps", f"{config.checkpoint.every_steps} must be >= 1")
+    checks.positive_int("config.eval.every_epochs", config.eval.every_epochs)
+    checks.positive_int("config.eval.periodic_pgd_steps", config.eval.periodic_pgd_steps)
+    checks.number("config.eval.cw_kappa", config.eval.cw_kappa, low=0.0)
+    checks.positive_int("config.log.every_steps", config.log.every_steps)
+    if config.parallel.num_processes > 1 and not config.parallel.coordinator_address:
+        _fail(
+            "parallel.coordinator_address",
+            f"{config.parallel.num_processes} processes need the 'host:port' of process 0 (or num_processes=-1 to "
+            "detect them on TPU/SLURM)",
+        )
     if "distill" in run_stages and not config.teacher.model.name:
         _fail("teacher.model.name", "distillation needs a teacher model")
     return RunPlan(run_stages, teacher_job, tuple(students))
