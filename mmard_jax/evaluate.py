@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmard_jax import parallel, reporting
-from mmard_jax.attacks.common import check_choice, predicted_correctly
+from mmard_jax import checks, parallel, reporting
+from mmard_jax.attacks.common import predicted_correctly
 from mmard_jax.attacks.pgd import PGDSpec, ce_attack, cw_linf
 from mmard_jax.data import augment, pipeline
 from mmard_jax.networks import Network, inference_logits
@@ -35,7 +35,7 @@ class AttackSpec:
     kappa: float = 50.0
 
     def __post_init__(self):
-        check_choice("loss", self.loss, LOSSES)
+        checks.choice("loss", self.loss, LOSSES)
 
 
 def adversarial(spec: AttackSpec, logits_fn: Callable, x, y, key):

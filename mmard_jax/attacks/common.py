@@ -29,9 +29,6 @@ NORMALIZE_EPS = 1e-12  # AutoAttack reference: the `+ 1e-12` in APGDAttack.norma
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------------------------
-check_choice = checks.choice
-
-
 def check_norm(norm: str) -> str:
     return checks.choice("norm", norm, NORMS)
 
@@ -124,7 +121,7 @@ def _initial_point(x: Array, key: Array | None, init: str, init_scale: float, ep
 
 def check_start_options(*, eps, init: str, init_scale: float, norm: str) -> None:
     """ValueError for options `random_start` does not support (traced numbers are not checked)."""
-    check_choice("init", init, INITS)
+    checks.choice("init", init, INITS)
     check_norm(norm)
     check_non_negative("eps", eps)
     check_non_negative("init_scale", init_scale)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmard_jax import checks
 from mmard_jax.attacks.common import (
     ascent_direction,
-    check_choice,
     check_non_negative,
     check_start_options,
     project,
@@ -133,5 +133,5 @@ def cw_linf(
     **pgd_options,
 ) -> Array:
     """CW∞: L∞ PGD on the CW margin loss ``−max(z_y − max_{j≠y} z_j + κ, 0)``; ``pgd_options`` go to `pgd`."""
-    check_choice("norm", norm, ("linf",))
+    checks.choice("norm", norm, ("linf",))
     return pgd(lambda z: cw_margin_loss(logits_fn(z), y, kappa), x, key, norm=norm, **pgd_options)

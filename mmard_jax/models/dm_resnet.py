@@ -26,7 +26,8 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from mmard_jax.models.layers import ImageClassifier, ModuleDef, check_positive_int, global_avg_pool
+from mmard_jax import checks
+from mmard_jax.models.layers import ImageClassifier, ModuleDef, global_avg_pool
 from mmard_jax.models.wide_resnet import STEM_WIDTH, blocks_per_group, group_widths
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "swish": nn.swish}
@@ -132,7 +133,7 @@ class DMWideResNet(_DMNetwork):
 
     def __post_init__(self) -> None:
         blocks_per_group(self.depth)
-        check_positive_int("widen_factor", self.widen_factor)
+        checks.positive_int("widen_factor", self.widen_factor)
         super().__post_init__()
 
     def features(self, x, conv, norm, act):

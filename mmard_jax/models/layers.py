@@ -34,11 +34,6 @@ KAIMING_NORMAL_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal"
 KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-check_positive_int = checks.positive_int
-check_int_tuple = checks.int_tuple
-check_bool = checks.boolean
-
-
 def check_mean_std(mean: Any, std: Any) -> None:
     """Both None, or two equally long sequences of floats with every std > 0."""
     if mean is None and std is None:
@@ -81,7 +76,7 @@ class ImageClassifier(nn.Module):
     torch_unused: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __post_init__(self) -> None:
-        check_positive_int("num_classes", self.num_classes)
+        checks.positive_int("num_classes", self.num_classes)
         check_mean_std(self.mean, self.std)
         super().__post_init__()
 

@@ -18,11 +18,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
+from mmard_jax import checks
 from mmard_jax.models.layers import (
     ImageClassifier,
     ModuleDef,
     PreActBlock,
-    check_bool,
     global_avg_pool,
 )
 
@@ -91,7 +91,7 @@ class PreActResNet18(ImageClassifier):
     torch_sequentials: ClassVar[frozenset[str]] = TORCH_SEQUENTIALS
 
     def __post_init__(self) -> None:
-        check_bool("final_bn", self.final_bn)
+        checks.boolean("final_bn", self.final_bn)
         super().__post_init__()
 
     @nn.compact

@@ -19,11 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmard_jax import checks
 from mmard_jax.models.layers import (
     KAIMING_NORMAL_FAN_IN,
     ImageClassifier,
-    check_bool,
-    check_int_tuple,
 )
 
 SMALL_CNN_MIN_SIZE = 16  # four valid 3x3 convs and two 2x2 pools leave at least 2x2
@@ -87,10 +86,10 @@ class CNN(ImageClassifier):
     downsample: str = "max_pool"
 
     def __post_init__(self) -> None:
-        check_int_tuple("widths", self.widths, allow_empty=False)
+        checks.int_tuple("widths", self.widths, allow_empty=False)
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
             raise ValueError(f"hidden must be an int >= 0 (0 = no hidden layer), got {self.hidden!r}")
-        check_bool("use_bn", self.use_bn)
+        checks.boolean("use_bn", self.use_bn)
         if self.downsample not in DOWNSAMPLING:
             raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {self.downsample!r}")
         super().__post_init__()
@@ -122,7 +121,7 @@ class MLP(ImageClassifier):
     hidden: tuple[int, ...] = (128,)
 
     def __post_init__(self) -> None:
-        check_int_tuple("hidden", self.hidden, allow_empty=True)
+        checks.int_tuple("hidden", self.hidden, allow_empty=True)
         super().__post_init__()
 
     @nn.compact

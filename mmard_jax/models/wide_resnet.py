@@ -26,12 +26,12 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
+from mmard_jax import checks
 from mmard_jax.models.layers import (
     KAIMING_NORMAL_FAN_OUT,
     ImageClassifier,
     ModuleDef,
     PreActBlock,
-    check_positive_int,
     global_avg_pool,
 )
 
@@ -87,7 +87,7 @@ class WideResNet(ImageClassifier):
 
     def __post_init__(self) -> None:
         blocks_per_group(self.depth)
-        check_positive_int("widen_factor", self.widen_factor)
+        checks.positive_int("widen_factor", self.widen_factor)
         super().__post_init__()
 
     @nn.compact
