@@ -31,25 +31,28 @@ def boolean(field: str, value: Any) -> bool:
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def positive_int(field: str, value: Any) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         fail(field, f"{value!r} must be a positive int")
     return value
 
 
 def non_negative_int(field: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         fail(field, f"{value!r} must be a non-negative int")
     return value
 
 
 def number(field: str, value: Any, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
-    """A finite float in [low, high] ((low, high] when ``low_open``)."""
+    """A finite float in [low, high] ((low, high] when ``low_open``); a string or bool is not a number."""
     try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
         result = float(value)
     except (TypeError, ValueError):
         fail(field, f"{value!r} must be a number")
@@ -59,9 +62,18 @@ def number(field: str, value: Any, *, low: float = -math.inf, high: float = math
     return result
 
 
+def number_tuple(field: str, value: Any, **bounds: Any) -> tuple[float, ...]:
+    """A sequence of numbers, each as :func:`number` takes it with ``bounds``, as a tuple."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        fail(field, f"{value!r} must be a tuple of numbers")
+    for item in value:
+        number(field, item, **bounds)
+    return tuple(value)
+
+
 def int_tuple(field: str, value: Any, *, allow_empty: bool) -> tuple[int, ...]:
     """A sequence of positive ints, as a tuple."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or not all(_is_int(v) and v > 0 for v in value):
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(is_int(v) and v > 0 for v in value):
         fail(field, f"{value!r} must be a tuple of positive ints")
     if not value and not allow_empty:
         fail(field, "must not be empty")

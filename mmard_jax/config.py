@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -100,7 +101,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
             "iad_warmup_epochs": 60,  # IAD-I: introspection term from this epoch on (60 of 200 in the paper)
             "rslad_adv_weight": 5.0 / 6.0,  # RSLAD: weight of KL(T(x) || S(x')); 1 - this on KL(T(x) || S(x))
             "gamma": 1.0,  # MMARD γ: weight of the teacher boundary term D_T (docs/method.md §3.1; kept by the demo ablation)
-            "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' (docs/method.md §3.1)
+            "boundary": "kl",  # MMARD D_T: 'kl' | 'entropy' | 'margin' | 'hinge' (docs/method.md §3.1)
             "mi_beta": 1.0,  # MMARD β: weight of the triangle InfoNCE term (docs/method.md §3.2 starting value)
             "mi_weights": (1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0),  # edge weights (w_ab, w_at, w_bt)
             "tau_mi": 0.5,  # InfoNCE temperature τ_mi
@@ -121,12 +122,15 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
             "periodic_pgd_steps": 10,  # PGD steps of the periodic evaluation (cheap model selection)
             "periodic_pgd_step_size": 2.0 / 255.0,  # its step size: steps * step size must exceed eps
             "fgsm": True,
-            "pgd_steps": 20,  # PGD-20 (CIFAR); the MNIST config sets 40
+            "pgd_steps": 20,  # PGD-20 (CIFAR); the MNIST config sets 40; 0 = no PGD in the final evaluation
             "pgd_step_size": 2.0 / 255.0,
-            "cw_steps": 30,  # CW∞: 30 steps, κ = 50
+            "cw_steps": 30,  # CW∞: 30 steps, κ = 50; 0 = no CW∞ in the final evaluation
             "cw_step_size": 2.0 / 255.0,
             "cw_kappa": 50.0,
             "autoattack": True,  # AutoAttack (standard) in the final evaluation (every ARD paper reports it)
+            # AutoAttack on the first this many test examples (0 = the same examples as the other attacks): it costs
+            # far more per example than PGD, so a study may run it on a subset (python -m mmard_jax.study)
+            "autoattack_examples": 0,
             "checkpoint": "best",  # which student checkpoint the final evaluation reads: 'best' | 'last'
             "unroll": 1,
         }
@@ -210,6 +214,9 @@ def base_config() -> ml_collections.ConfigDict:
             "coordinator_address": "",  # multi-host: 'host:port' of process 0 ('' = single process or auto-detect)
             "num_processes": 0,  # multi-host: number of processes (0 = one process; -1 = detect on TPU/SLURM)
             "process_id": -1,  # multi-host: this process's index (-1 = auto)
+            # multi-host: seconds a process waits for the coordinator and the other processes before it gives up (JAX's
+            # own default; a pod's hosts may boot minutes apart)
+            "initialization_timeout_s": 300,
         }
     )
     return c
@@ -250,6 +257,8 @@ def for_accelerator(config: ml_collections.ConfigDict, hardware: str) -> ml_coll
 
 def stages(config) -> tuple[str, ...]:
     """The configured stages as a tuple, validated."""
+    if not isinstance(config.stages, str):
+        checks.fail("config.stages", f"{config.stages!r} must be a comma-separated string, e.g. 'teacher,distill,eval'")
     names = tuple(s.strip() for s in config.stages.split(",") if s.strip())
     for name in names:
         checks.choice("config.stages", name, STAGES)
@@ -273,49 +282,47 @@ def _check_choice(field: str, value, choices):
 
 
 def _check_attack(prefix: str, attack) -> None:
-    if not 0.0 <= attack.eps <= 1.0:
-        _fail(f"{prefix}.eps", f"{attack.eps} must lie in [0, 1] (images are in [0, 1])")
-    if attack.step_size <= 0:
-        _fail(f"{prefix}.step_size", f"{attack.step_size} must be > 0")
-    if attack.steps < 0:
-        _fail(f"{prefix}.steps", f"{attack.steps} must be >= 0")
+    checks.number(f"config.{prefix}.eps", attack.eps, low=0.0, high=1.0)  # images are in [0, 1]
+    checks.number(f"config.{prefix}.step_size", attack.step_size, low=0.0, low_open=True)
+    checks.non_negative_int(f"config.{prefix}.steps", attack.steps)
     _check_choice(f"{prefix}.init", attack.init, PGD_INITS)
+    checks.number(f"config.{prefix}.init_scale", attack.init_scale, low=0.0)
     _check_choice(f"{prefix}.norm", attack.norm, NORMS)
-    if attack.unroll < 1:
-        _fail(f"{prefix}.unroll", f"{attack.unroll} must be >= 1 (1 = rolled loop)")
+    checks.positive_int(f"config.{prefix}.unroll", attack.unroll)  # 1 = rolled loop
     if attack.norm == "linf":
         _check_reach(f"{prefix}.step_size", attack.steps, attack.step_size, attack.eps)
 
 
+def _check_multiple(field: str, value, device_count: int) -> None:
+    """A batch size: a positive int that splits evenly over the devices."""
+    checks.positive_int(f"config.{field}", value)
+    if value % device_count:
+        _fail(field, f"{value} must be a positive multiple of the device count ({device_count})")
+
+
 def _check_optim(prefix: str, optim, device_count: int) -> None:
-    if optim.epochs <= 0:
-        _fail(f"{prefix}.epochs", f"{optim.epochs} must be > 0")
-    if optim.lr <= 0:
-        _fail(f"{prefix}.lr", f"{optim.lr} must be > 0")
-    if optim.weight_decay < 0:
-        _fail(f"{prefix}.weight_decay", f"{optim.weight_decay} must be >= 0")
-    if optim.batch_size <= 0 or optim.batch_size % device_count:
-        _fail(
-            f"{prefix}.batch_size",
-            f"{optim.batch_size} must be a positive multiple of the device count ({device_count})",
-        )
+    checks.positive_int(f"config.{prefix}.epochs", optim.epochs)
+    checks.number(f"config.{prefix}.lr", optim.lr, low=0.0, low_open=True)
+    checks.number(f"config.{prefix}.weight_decay", optim.weight_decay, low=0.0)
+    _check_multiple(f"{prefix}.batch_size", optim.batch_size, device_count)
     _check_choice(f"{prefix}.schedule", optim.schedule, SCHEDULES)
     checks.number(f"config.{prefix}.momentum", optim.momentum, low=0.0, high=1.0)
     checks.number(f"config.{prefix}.decay_factor", optim.decay_factor, low=0.0)
     checks.number(f"config.{prefix}.warmup_epochs", optim.warmup_epochs, low=0.0)
     checks.number(f"config.{prefix}.grad_clip_norm", optim.grad_clip_norm, low=0.0)
-    if list(optim.decay_epochs) != sorted(optim.decay_epochs):
-        _fail(f"{prefix}.decay_epochs", f"{tuple(optim.decay_epochs)} must be increasing")
+    decay_epochs = checks.number_tuple(f"config.{prefix}.decay_epochs", optim.decay_epochs, low=0.0)
+    if list(decay_epochs) != sorted(decay_epochs):
+        _fail(f"{prefix}.decay_epochs", f"{decay_epochs} must be increasing")
 
 
 def _check_model(prefix: str, model) -> None:
     from mmard_jax.models import MODEL_NAMES
 
     _check_choice(f"{prefix}.name", model.name, MODEL_NAMES)
+    checks.number_tuple(f"config.{prefix}.mean", model.mean)
+    checks.number_tuple(f"config.{prefix}.std", model.std, low=0.0, low_open=True)
     if len(model.mean) != len(model.std):
         _fail(f"{prefix}.std", "mean and std must have the same length (or both be empty)")
-    if any(s <= 0 for s in model.std):
-        _fail(f"{prefix}.std", f"{tuple(model.std)} must be > 0")
 
 
 def _check_reach(field: str, steps: int, step_size: float, eps: float) -> None:
@@ -371,8 +378,13 @@ def job_plan(name: str, run_dir: str, model, method_cfg, attack, optim, method_p
 
 
 def validate(config, device_count: int = 1) -> RunPlan:
-    """Raises ValueError naming the first bad field; returns the run plan of a usable config."""
+    """Raises ValueError naming the first bad field; returns the run plan of a usable config.
+
+    It reads nothing from disk and starts no JAX backend, so ``main`` calls it before jax.distributed starts; the
+    default ``device_count=1`` then checks everything but the divisibility of batches by the real device count.
+    """
     run_stages = stages(config)
+    checks.non_negative_int("config.seed", config.seed)
     _check_choice("dtype", config.dtype, DTYPES)
     from mmard_jax.reporting import parse_profile_steps
 
@@ -380,13 +392,13 @@ def validate(config, device_count: int = 1) -> RunPlan:
         parse_profile_steps(config.profile_steps)
     except ValueError as error:
         _fail("profile_steps", str(error))
-    _check_choice("data.source", config.data.source, DATA_SOURCES)
-    if config.data.source == "cifar_archive":
-        _check_choice("data.name", config.data.name, tuple(CIFAR_ARCHIVES))
-    if config.data.holdout_size < 0:
-        _fail("data.holdout_size", f"{config.data.holdout_size} must be >= 0")
-    if config.data.crop_padding < 0:
-        _fail("data.crop_padding", f"{config.data.crop_padding} must be >= 0")
+    try:
+        config.compilation_cache_dir.format(workdir="")
+    except (KeyError, IndexError, ValueError) as error:
+        _fail(
+            "compilation_cache_dir", f"{config.compilation_cache_dir!r}: {{workdir}} is its only placeholder ({error})"
+        )
+    _check_data(config.data)
     _check_model("student.model", config.student.model)
     _check_model("teacher.model", config.teacher.model)
     teacher = config.teacher
@@ -401,6 +413,8 @@ def validate(config, device_count: int = 1) -> RunPlan:
     _check_optim("teacher.optim", teacher.optim, device_count)
     from mmard_jax import methods
 
+    if not isinstance(config.baselines, str):
+        _fail("baselines", f"{config.baselines!r} must be a comma-separated string of method names")
     students = []
     for name in student_methods(config):
         if name not in methods.METHOD_NAMES:
@@ -418,41 +432,171 @@ def validate(config, device_count: int = 1) -> RunPlan:
         )
     _check_attack("attack", config.attack)
     _check_optim("optim", config.optim, device_count)
-    if not 0.0 <= config.eval.eps <= 1.0:
-        _fail("eval.eps", f"{config.eval.eps} must lie in [0, 1]")
-    if config.eval.batch_size <= 0 or config.eval.batch_size % device_count:
-        _fail(
-            "eval.batch_size",
-            f"{config.eval.batch_size} must be a positive multiple of the device count ({device_count})",
-        )
-    if config.eval.num_examples < 0:
-        _fail("eval.num_examples", f"{config.eval.num_examples} must be >= 0 (0 = all)")
-    for field in ("pgd_step_size", "cw_step_size", "periodic_pgd_step_size"):
-        if getattr(config.eval, field) <= 0:
-            _fail(f"eval.{field}", f"{getattr(config.eval, field)} must be > 0")
-    _check_reach("eval.pgd_step_size", config.eval.pgd_steps, config.eval.pgd_step_size, config.eval.eps)
-    _check_reach("eval.cw_step_size", config.eval.cw_steps, config.eval.cw_step_size, config.eval.eps)
-    _check_reach(
-        "eval.periodic_pgd_step_size",
-        config.eval.periodic_pgd_steps,
-        config.eval.periodic_pgd_step_size,
-        config.eval.eps,
-    )
-    _check_choice("eval.checkpoint", config.eval.checkpoint, ("best", "last"))
-    if config.checkpoint.keep < 1:
-        _fail("checkpoint.keep", f"{config.checkpoint.keep} must be >= 1")
-    if config.checkpoint.every_steps < 1:
-        _fail("checkpoint.every_steps", f"{config.checkpoint.every_steps} must be >= 1")
-    checks.positive_int("config.eval.every_epochs", config.eval.every_epochs)
-    checks.positive_int("config.eval.periodic_pgd_steps", config.eval.periodic_pgd_steps)
-    checks.number("config.eval.cw_kappa", config.eval.cw_kappa, low=0.0)
+    _check_eval(config.eval, device_count)
+    checks.positive_int("config.checkpoint.keep", config.checkpoint.keep)
+    checks.positive_int("config.checkpoint.every_steps", config.checkpoint.every_steps)
     checks.positive_int("config.log.every_steps", config.log.every_steps)
-    if config.parallel.num_processes > 1 and not config.parallel.coordinator_address:
-        _fail(
-            "parallel.coordinator_address",
-            f"{config.parallel.num_processes} processes need the 'host:port' of process 0 (or num_processes=-1 to "
-            "detect them on TPU/SLURM)",
-        )
+    _check_parallel(config.parallel)
     if "distill" in run_stages and not config.teacher.model.name:
         _fail("teacher.model.name", "distillation needs a teacher model")
+    known = known_data_shape(config.data)
+    if known is not None:
+        check_networks(config, *known)
     return RunPlan(run_stages, teacher_job, tuple(students))
+
+
+def _check_data(data) -> None:
+    _check_choice("data.source", data.source, DATA_SOURCES)
+    if data.source == "cifar_archive":
+        _check_choice("data.name", data.name, tuple(CIFAR_ARCHIVES))
+    if data.source in ("mnist5k", "digits"):
+        checks.positive_int("config.data.mnist5k_test_size", data.mnist5k_test_size)
+    checks.non_negative_int("config.data.holdout_size", data.holdout_size)
+    checks.non_negative_int("config.data.crop_padding", data.crop_padding)
+
+
+def _check_eval(eval_cfg, device_count: int) -> None:
+    checks.number("config.eval.eps", eval_cfg.eps, low=0.0, high=1.0)
+    _check_multiple("eval.batch_size", eval_cfg.batch_size, device_count)
+    checks.non_negative_int("config.eval.num_examples", eval_cfg.num_examples)  # 0 = all
+    checks.non_negative_int("config.eval.autoattack_examples", eval_cfg.autoattack_examples)  # 0 = eval.num_examples
+    checks.positive_int("config.eval.every_epochs", eval_cfg.every_epochs)
+    checks.positive_int("config.eval.periodic_pgd_steps", eval_cfg.periodic_pgd_steps)
+    checks.non_negative_int("config.eval.pgd_steps", eval_cfg.pgd_steps)  # 0 = no PGD in the final evaluation
+    checks.non_negative_int("config.eval.cw_steps", eval_cfg.cw_steps)  # 0 = no CW∞
+    for field in ("pgd_step_size", "cw_step_size", "periodic_pgd_step_size"):
+        checks.number(f"config.eval.{field}", eval_cfg[field], low=0.0, low_open=True)
+    checks.number("config.eval.cw_kappa", eval_cfg.cw_kappa, low=0.0)
+    checks.positive_int("config.eval.unroll", eval_cfg.unroll)
+    _check_reach("eval.pgd_step_size", eval_cfg.pgd_steps, eval_cfg.pgd_step_size, eval_cfg.eps)
+    _check_reach("eval.cw_step_size", eval_cfg.cw_steps, eval_cfg.cw_step_size, eval_cfg.eps)
+    _check_reach(
+        "eval.periodic_pgd_step_size", eval_cfg.periodic_pgd_steps, eval_cfg.periodic_pgd_step_size, eval_cfg.eps
+    )
+    _check_choice("eval.checkpoint", eval_cfg.checkpoint, ("best", "last"))
+
+
+def _check_parallel(parallel) -> None:
+    num_processes = parallel.num_processes
+    if not checks.is_int(num_processes) or num_processes < -1:
+        _fail("parallel.num_processes", f"{num_processes!r} must be an int >= -1 (0 = one process, -1 = detect)")
+    checks.positive_int("config.parallel.initialization_timeout_s", parallel.initialization_timeout_s)
+    address = parallel.coordinator_address
+    if address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail("parallel.coordinator_address", f"{address!r} must be 'host:port' (the address of process 0)")
+    elif num_processes > 1:
+        _fail(
+            "parallel.coordinator_address",
+            f"{num_processes} processes need the 'host:port' of process 0 (or num_processes=-1 to detect them on "
+            "TPU/SLURM)",
+        )
+    if not checks.is_int(parallel.process_id) or parallel.process_id < -1:
+        _fail("parallel.process_id", f"{parallel.process_id!r} must be an int >= -1 (-1 = auto)")
+    if num_processes > 0 and parallel.process_id >= num_processes:
+        _fail("parallel.process_id", f"{parallel.process_id} must be < parallel.num_processes ({num_processes})")
+
+
+# Sources whose image shape (H, W, C) and class count are known without loading them; TFDS data is known once loaded.
+KNOWN_DATA = {"digits": ((8, 8, 1), 10), "mnist5k": ((28, 28, 1), 10)}
+CIFAR_IMAGE_SHAPE = (32, 32, 3)
+
+
+def known_data_shape(data) -> tuple[tuple[int, int, int], int] | None:
+    """(image shape, number of classes) of the configured data when known before loading it; None for TFDS."""
+    if data.source == "cifar_archive":
+        return CIFAR_IMAGE_SHAPE, CIFAR_ARCHIVES[data.name].num_classes
+    return KNOWN_DATA.get(data.source)
+
+
+def _built_models(config) -> tuple[tuple[str, Any], ...]:
+    """(field, model section) of each network the config builds: the student's, and the teacher's unless it comes
+    from config.teacher.checkpoint (whose checkpoint records its own architecture)."""
+    models = (("student.model", config.student.model),)
+    if not config.teacher.checkpoint:
+        models += (("teacher.model", config.teacher.model),)
+    return models
+
+
+def check_networks(config, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Each network of the config builds and takes these images: a mean/std per channel that does not match them, or
+    model kwargs the constructor or the initialisation refuses, fail naming their field.
+
+    Shapes only (jax.eval_shape): nothing is computed and no JAX backend starts, so this may run before
+    jax.distributed.initialize.
+    """
+    from mmard_jax import networks
+
+    channels = image_shape[-1]
+    for field, model in _built_models(config):
+        for key in ("mean", "std"):
+            if model[key] and len(model[key]) != channels:
+                _fail(
+                    f"{field}.{key}",
+                    f"{tuple(model[key])} has {len(model[key])} entries, but the {config.data.name} images have "
+                    f"{channels} channel(s)",
+                )
+        kwargs = model.kwargs.to_dict()
+        try:
+            _abstract_init(networks.build_module(model, num_classes, dtype=config.dtype), image_shape)
+        except (TypeError, ValueError) as error:
+            _fail(
+                f"{field}.kwargs" if kwargs else f"{field}.name",
+                f"{model.name} with kwargs {kwargs} cannot be built for {'x'.join(map(str, image_shape))} images "
+                f"and {num_classes} classes: {error}",
+            )
+
+
+def _abstract_init(module, image_shape: tuple[int, int, int]) -> None:
+    """Traces the module's initialisation for one image, the PRNG key included (an eager key would start the
+    backend)."""
+    import jax
+
+    from mmard_jax import networks
+
+    jax.eval_shape(lambda: networks.init_variables(module, jax.random.PRNGKey(0), image_shape))
+
+
+def _training_batches(config, plan: RunPlan) -> tuple[tuple[str, int], ...]:
+    """(field, global batch size) of each training job the stages run."""
+    batches = ()
+    if "teacher" in plan.stages and not config.teacher.checkpoint:
+        batches += (("teacher.optim.batch_size", config.teacher.optim.batch_size),)
+    if "distill" in plan.stages:
+        batches += (("optim.batch_size", config.optim.batch_size),)
+    return batches
+
+
+def check_data(config, plan: RunPlan, dataset) -> None:
+    """The checks that need the loaded data, run before any job starts: each network against its images and classes
+    (a TFDS source's are known only now) and each training batch against the training set."""
+    check_networks(config, dataset.image_shape, dataset.num_classes)
+    train_size = dataset.train.num_examples
+    for field, batch_size in _training_batches(config, plan):
+        if batch_size > train_size:
+            _fail(field, f"{batch_size} exceeds the {train_size} training examples of {config.data.name}; lower it")
+
+
+def check_paths(config, workdir: str) -> None:
+    """The local paths a run needs, checked before anything is written: WORKDIR must be a writable folder or be
+    creatable as one, and config.teacher.checkpoint must be a folder. Remote ones (gs://...) wait for first access."""
+    from mmard_jax import storage
+
+    if not workdir:
+        checks.fail("--workdir", "must name a folder")
+    if not storage.is_remote(workdir):
+        existing = os.path.abspath(workdir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            checks.fail("--workdir", f"{existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            checks.fail("--workdir", f"cannot create or write in {existing}")
+    teacher = config.teacher.checkpoint
+    if teacher and not storage.is_remote(teacher) and not os.path.isdir(teacher):
+        _fail(
+            "teacher.checkpoint",
+            f"{teacher!r} is not a folder; name a teacher run directory (ours, or one written by "
+            "python -m mmard_jax.import_teacher)",
+        )

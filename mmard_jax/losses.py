@@ -24,7 +24,7 @@ Metrics = dict[str, Array]
 OuterLoss = Callable[["Views", Array, Array], tuple[Array, Metrics]]
 
 KL_REDUCTIONS = ("none", "mean", "batchmean", "sum")
-BOUNDARY_TERMS = ("kl", "entropy", "margin")
+BOUNDARY_TERMS = ("kl", "entropy", "margin", "hinge")
 TEACHER_VERTICES = ("adversarial", "natural")
 _NORM_FLOOR = 1e-12
 
@@ -192,13 +192,17 @@ def adaad_inner(views: Views, labels: Array) -> Array:
 def boundary_term(views: Views, labels: Array, kind: str) -> Array:
     """MMARD's teacher-boundary term ``D_T(x, x')`` per example (docs/method.md §3.1).
 
-    'kl': ``KL(p_T(x) ‖ p_T(x'))``; 'entropy': ``H(p_T(x'))``; 'margin': ``−|z_T,y(x') − max_{j≠y} z_T,j(x')|``.
+    'kl': ``KL(p_T(x) ‖ p_T(x'))``; 'entropy': ``H(p_T(x'))``; 'margin': ``−|z_T,y(x') − max_{j≠y} z_T,j(x')|``;
+    'hinge': ``−max(z_T,y(x') − max_{j≠y} z_T,j(x'), 0)``, the teacher's margin clipped at its boundary (largest, 0,
+    on or past it).
     """
     _check_choice("boundary", kind, BOUNDARY_TERMS)
     if kind == "kl":
         return kl_div(views.teacher_nat, views.teacher_adv)
     if kind == "entropy":
         return entropy(views.teacher_adv)
+    if kind == "hinge":
+        return cw_margin_loss(views.teacher_adv, labels, kappa=0.0)
     return -jnp.abs(margin(views.teacher_adv, labels))
 
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import socket
+import time
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmard_jax import checks
+
 DATA_AXIS = "data"
 BARRIER_TIMEOUT_S = 3600.0  # how long a process waits for the slowest one to finish compiling
+COORDINATOR_POLL_S = 0.5  # how often a process retries the coordinator while it waits for process 0 to start
 _barrier_ids = itertools.count()
 
 logger = logging.getLogger(__name__)
@@ -51,19 +57,24 @@ def initialize_distributed(parallel_cfg) -> None:
     """Starts jax.distributed for multi-host runs; a no-op for one process.
 
     With ``coordinator_address`` set, the address/num_processes/process_id fields are used as given; on Cloud TPU
-    and SLURM, ``num_processes = -1`` asks JAX to detect them from the environment.
+    and SLURM, ``num_processes = -1`` asks JAX to detect them from the environment. Connecting to the coordinator
+    and to the other processes takes at most ``initialization_timeout_s`` in all.
     """
     if parallel_cfg.coordinator_address or parallel_cfg.num_processes < 0:
         # CPU processes exchange collectives through gloo (the setting only concerns the CPU client).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    deadline = time.monotonic() + parallel_cfg.initialization_timeout_s
     if parallel_cfg.coordinator_address:
+        if parallel_cfg.process_id > 0:  # process 0 starts the coordinator; the others must reach it
+            wait_for_coordinator(parallel_cfg.coordinator_address, parallel_cfg.initialization_timeout_s)
         jax.distributed.initialize(
             coordinator_address=parallel_cfg.coordinator_address,
             num_processes=parallel_cfg.num_processes or None,
             process_id=None if parallel_cfg.process_id < 0 else parallel_cfg.process_id,
+            initialization_timeout=_seconds_left(deadline),
         )
     elif parallel_cfg.num_processes < 0:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=_seconds_left(deadline))
     else:
         return
     logger.info(
@@ -73,6 +84,35 @@ def initialize_distributed(parallel_cfg) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def _seconds_left(deadline: float) -> int:
+    """Whole seconds until ``deadline`` (at least 1): jax.distributed takes its timeout in seconds."""
+    return max(1, math.ceil(deadline - time.monotonic()))
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once ``address`` ('host:port') accepts a TCP connection; an InvalidValue naming
+    config.parallel.coordinator_address if it has not within ``timeout_s`` seconds.
+
+    jax.distributed.initialize ends the whole process with a C++ fatal error (no Python exception, no clean exit code)
+    when it cannot reach the coordinator in time; a coordinator that is down or an address that is wrong is therefore
+    found here, before it is called, and reported as one error.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=COORDINATOR_POLL_S):
+                return
+        except OSError as error:
+            if time.monotonic() + COORDINATOR_POLL_S > deadline:
+                checks.fail(
+                    "config.parallel.coordinator_address",
+                    f"no coordinator answered at {address} within {timeout_s:g} s ({error}); start process 0 first, "
+                    "check the address, or wait longer with config.parallel.initialization_timeout_s",
+                )
+        time.sleep(COORDINATOR_POLL_S)
 
 
 def barrier(name: str) -> None:

@@ -51,12 +51,15 @@ class MetricsLog:
         return read_metrics(self.path, kind)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Closes both outputs even when the first fails (a full disk); the first error is raised once."""
+        file, self._file = self._file, None
+        tb, self._tb = self._tb, None
+        try:
+            if file is not None:
+                file.close()
+        finally:
+            if tb is not None:
+                tb.close()
 
 
 def _plain(value):

@@ -73,10 +73,12 @@ class LineAppender:
             self.file.write_text("".join(self._lines), encoding="utf-8")
 
     def close(self) -> None:
-        self.flush()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        try:
+            self.flush()
+        finally:  # a failed flush (full disk) must not leave the file open
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
 
 
 class _RemoteEventFile:

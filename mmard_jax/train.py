@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -28,14 +26,13 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from mmard_jax import checkpoint as ckpt_lib
-from mmard_jax import parallel, reporting, storage
+from mmard_jax import parallel, preemption, reporting, storage
 from mmard_jax.attacks import PGDSpec, example_keys, per_example_start, pgd
 from mmard_jax.config import JobPlan
 from mmard_jax.data import augment, pipeline
 from mmard_jax.methods import Method, Views
 from mmard_jax.networks import Network, abstract_variables, build_module, inference_logits, init_variables
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to resume
+from mmard_jax.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: F401  (part of this module's interface)
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +48,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when a loss term becomes NaN or infinite; the last good checkpoint is kept."""
-
-
-class Preempted(RuntimeError):
-    """Raised after SIGTERM once the state has been saved."""
+    """Raised when a loss term, the gradient or the updated parameters become NaN or infinite, before that state is
+    saved: every checkpoint on disk holds finite parameters."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +205,8 @@ def train_step_body(spec: StepSpec, state: TrainState, teacher_vars, images, lab
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = lax.pmean({"loss": loss, **metrics}, spec.axis_name)
+    # Finite loss, diverged update: the norms (inf once a square overflows) let the loop refuse to save such a state.
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
@@ -252,43 +248,6 @@ class Outcome:
     epoch_records: list[dict]
 
 
-class PreemptionGuard:
-    """Decides, after each step, whether to save and stop because a process was sent SIGTERM.
-
-    One process: a SIGTERM handler sets a flag (installed only from the main thread). Several processes: JAX's
-    preemption sync point, whose notifier (started by jax.distributed) catches SIGTERM in any one process and makes
-    every process stop at the same step, the next one all of them can reach; a local flag would let processes enter
-    the collective save at different steps and hang.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._synchronized = jax.process_count() > 1
-
-    def __enter__(self):
-        if not self._synchronized and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logger.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        """Called by every process after every step with the number of steps taken."""
-        if self._synchronized:
-            from jax.experimental import multihost_utils
-
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-
 def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepSpec:
     """The step of ``job``; batch-level loss terms (InfoNCE) see the global batch through the 'data' axis."""
     method = job.plan.method
@@ -316,7 +275,60 @@ def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepS
     )
 
 
-def run_metadata(job: Job, config, num_train: int, signature: dict) -> dict:
+def job_sections(job: Job) -> dict[str, Any]:
+    """The config sections a job trains with, by their config path (the teacher's live under ``teacher.``)."""
+    plan = job.plan
+    prefix, model = ("teacher.", "teacher.model") if job.name == "teacher" else ("", "student.model")
+    return {
+        model: plan.model,
+        f"{prefix}method": plan.method_cfg,
+        f"{prefix}attack": plan.attack,
+        f"{prefix}optim": plan.optim,
+    }
+
+
+# Data fields that say where the data lives, not what it is (a moved cache must not block a resume).
+DATA_LOCATION_FIELDS = ("download", "archive_dir", "data_dir")
+
+
+def _flatten(prefix: str, value) -> dict[str, Any]:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(f"{prefix}.{key}", item))
+        return flat
+    return {prefix: json.loads(json.dumps(value))}  # as it reads back from a checkpoint's JSON (tuples -> lists)
+
+
+def trajectory_settings(job: Job, config, teacher_digest: str | None) -> dict[str, Any]:
+    """{'config.field': value} of every setting that changes the states a job computes, step by step.
+
+    Evaluation, logging, checkpointing and profiling settings are not among them: a resume may change those.
+    ``optim.epochs`` is left out (a resume may extend training) unless the schedule's shape depends on it (cosine).
+    """
+    settings = {}
+    for path, section in job_sections(job).items():
+        settings.update(_flatten(f"config.{path}", section))
+    epochs_field = f"config.{'teacher.' if job.name == 'teacher' else ''}optim.epochs"
+    if job.plan.optim.schedule != "cosine":
+        del settings[epochs_field]
+    data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_LOCATION_FIELDS}
+    settings.update(_flatten("config.data", data))
+    settings.update(
+        {
+            "config.seed": config.seed,
+            "config.dtype": config.dtype,
+            "config.parallel.sync_batch_stats": config.parallel.sync_batch_stats,
+        }
+    )
+    if teacher_digest is not None:
+        settings["the teacher's weights (SHA-256)"] = teacher_digest
+    return settings
+
+
+def run_metadata(job: Job, config, num_train: int, signature: dict, settings: dict) -> dict:
     """What a checkpoint records besides the state: enough to refuse an incompatible resume."""
     return {
         "job": job.name,
@@ -326,18 +338,41 @@ def run_metadata(job: Job, config, num_train: int, signature: dict) -> dict:
         "num_train_examples": num_train,
         "seed": config.seed,
         "signature": signature,
+        "trajectory": settings,
         "config": json.loads(config.to_json_best_effort()),
     }
 
 
-def check_resumable(saved: dict, current: dict, where: str) -> None:
-    """Refuses a resume whose model, batch size, data size or seed differ (the batch sequence would change)."""
-    for field in ("model", "batch_size", "num_train_examples", "seed"):
-        if saved.get(field) != current[field]:
-            raise ckpt_lib.IncompatibleCheckpointError(
-                f"checkpoint {where} was made with {field} = {saved.get(field)!r}, this run has {current[field]!r}; "
-                "use a fresh --workdir, or the config the checkpoint was made with"
-            )
+def check_resumable(saved: dict, current: dict, where, total_steps: int, epochs_field: str) -> None:
+    """Refuses a resume that would not continue the saved run's trajectory, naming every differing setting.
+
+    Checkpoints of earlier versions (no 'trajectory' record) are checked on model, batch size, data size and seed.
+    """
+    fields = ("model", "batch_size", "num_train_examples", "seed")
+    differences = [
+        f"{name}: checkpoint {saved.get(name)!r}, this run {current[name]!r}"
+        for name in fields
+        if saved.get(name) != current[name]
+    ]
+    if "trajectory" in saved and not differences:
+        old, new = saved["trajectory"], current["trajectory"]
+        differences = [
+            f"{name}: checkpoint {old.get(name, '(absent)')!r}, this run {new.get(name, '(absent)')!r}"
+            for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)
+        ]
+    if differences:
+        raise ckpt_lib.IncompatibleCheckpointError(
+            f"checkpoint {where} was trained with other settings; resuming would silently change its training:\n  "
+            + "\n  ".join(differences)
+            + "\nUse a fresh --workdir, or the settings the checkpoint was made with (evaluation, logging and "
+            "checkpoint settings may change, and optim.epochs may grow)."
+        )
+    if saved.get("step", 0) > total_steps:
+        raise ckpt_lib.IncompatibleCheckpointError(
+            f"{epochs_field}: the checkpoint in {where} is at step {saved['step']}, beyond this run's {total_steps} "
+            "steps; raise the epochs to at least the trained ones, or use a fresh --workdir"
+        )
 
 
 def _first_nonfinite(metrics: dict) -> str | None:
@@ -347,12 +382,52 @@ def _first_nonfinite(metrics: dict) -> str | None:
     return None
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """What an epoch's record averages, kept in each mid-epoch checkpoint so a resumed epoch reports all its steps."""
+
+    sums: dict = dataclasses.field(default_factory=dict)
+    count: int = 0
+    train_seconds: float = 0.0
+
+    def add(self, values: dict) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict:
+        return {f"train_{k}": v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict | None) -> EpochProgress:
+        return cls(**meta) if meta else cls()
+
+
+def _check_progress_without_checkpoint(log: reporting.MetricsLog, directory, name: str) -> None:
+    """A run whose log shows finished epochs but that has no checkpoint lost its checkpoints: never restart silently."""
+    epochs = log.read("epoch")
+    if epochs:
+        raise ckpt_lib.IncompatibleCheckpointError(
+            f"{name}: {log.path} records {len(epochs)} finished epoch(s) (up to step {epochs[-1]['step']}) but "
+            f"{directory} holds no checkpoint; refusing to restart from step 0 silently. Restore the checkpoints, or "
+            "delete the run directory to train it again."
+        )
+
+
 def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     """Trains ``job`` to its last epoch, resuming from ``job.workdir`` when a checkpoint is there.
 
     ``eval_fn(network) -> {'clean_acc': ..., 'pgd_acc': ...}`` runs at the configured epochs; the save with the
-    highest 'pgd_acc' is kept in ``best/``.
+    highest 'pgd_acc' is kept as the best one. SIGTERM saves and raises :class:`Preempted`.
     """
+    with preemption.guard() as guard, guard.deferred():
+        return _train(job, config, dataset, mesh, eval_fn, guard)
+
+
+def _train(job: Job, config, dataset, mesh, eval_fn, guard: preemption.PreemptionGuard) -> Outcome:
     optim = job.plan.optim
     num_train = dataset.train.num_examples
     try:
@@ -365,7 +440,8 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
 
     plain_module = build_module(job.plan.model, dataset.num_classes, dtype=config.dtype)
     signature = ckpt_lib.shape_signature(abstract_variables(plain_module, dataset.image_shape))
-    meta = run_metadata(job, config, num_train, signature)
+    teacher_digest = ckpt_lib.state_digest(job.teacher.variables) if job.teacher is not None else None
+    meta = run_metadata(job, config, num_train, signature, trajectory_settings(job, config, teacher_digest))
     root_key = jax.random.PRNGKey(config.seed)
     init_key, run_key = jax.random.split(jax.random.fold_in(root_key, job.name == "teacher"))
     state = create_train_state(init_variables(plain_module, init_key, dataset.image_shape), spec.tx, run_key)
@@ -374,111 +450,212 @@ def train(job: Job, config, dataset, mesh, *, eval_fn=None) -> Outcome:
     checkpoints = ckpt_lib.RunCheckpoints(
         storage.path(job.workdir) / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    latest_meta = checkpoints.read_meta("latest")
-    if latest_meta is not None:
-        try:
-            check_resumable(latest_meta, meta, checkpoints.directory)
-            state, latest_meta = checkpoints.restore_latest(abstract_state, signature)
-        except Exception:
-            checkpoints.close()  # Orbax's background threads would otherwise keep the process from exiting
-            raise
-    start_step = int(state.step)
-    log = reporting.MetricsLog(job.workdir, tensorboard=config.log.tensorboard)
-    epoch_records = log.read("epoch")
-    teacher_vars = parallel.replicate(job.teacher.variables, mesh) if job.teacher is not None else None
-    step_fn = parallel.compile_synchronized(
-        step_fn, state, teacher_vars, *abstract_batch(dataset, optim.batch_size, mesh), name=f"{job.name}/step"
-    )
-    lr_at = learning_rate_schedule(optim, steps_per_epoch)
-    if start_step:
-        logger.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
-
-    def save(step: int, extra: dict | None = None, wait: bool = False, evaluation: dict | None = None):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        saved_meta = {**meta, "step": step, "epoch": epoch, "step_in_epoch": in_epoch, **(extra or {})}
-        checkpoints.save(step, state, saved_meta, evaluation)
-        if wait:
-            checkpoints.wait()
-
-    step = start_step
-    progress = reporting.progress_bar(total_steps, start_step, f"{job.name}", enabled=config.log.progress)
-    profiler = reporting.StepProfiler(config.profile_steps, storage.path(job.workdir) / "profile")
-    pending = None  # (step, metrics on device) of the previous step, checked one step late to keep the pipeline full
-    window_start, window_images = time.perf_counter(), 0
+    log = progress = profiler = None
     try:
-        with PreemptionGuard() as guard:
-            for epoch in range(start_step // steps_per_epoch, optim.epochs):
-                batches = pipeline.prefetch(
-                    pipeline.train_batches(
-                        dataset.train,
-                        global_batch_size=optim.batch_size,
-                        seed=config.seed,
-                        epoch=epoch,
-                        process_index=jax.process_index(),
-                        process_count=jax.process_count(),
-                        start_step=step - epoch * steps_per_epoch,
-                    )
-                )
-                epoch_sums: dict[str, float] = {}
-                epoch_start = time.perf_counter()
-                for images, labels in batches:
-                    images, labels = parallel.global_batch((images, labels), mesh)
-                    profiler.before_step(step)
-                    state, metrics = step_fn(state, teacher_vars, images, labels)
-                    profiler.after_step(step + 1, metrics)
-                    if pending is not None:
-                        _record(pending, log, epoch_sums, config.log.every_steps)
-                    pending = (step, metrics)
-                    step += 1
-                    window_images += optim.batch_size
-                    if step % config.log.every_steps == 0 or step == total_steps:
-                        now = time.perf_counter()
-                        rate = window_images / max(now - window_start, 1e-9)
-                        window_start, window_images = now, 0
-                        values = jax.device_get(metrics)
-                        progress.set_postfix(
-                            loss=f"{float(values['loss']):.4f}",
-                            acc=f"{float(values.get('accuracy_adv', values.get('accuracy_nat', float('nan')))):.3f}",
-                            img_s=f"{rate:.0f}",
-                            refresh=False,
-                        )
-                        log.write("throughput", step, {"images_per_second": rate, "lr": float(lr_at(step - 1))})
-                    progress.update(1)
-                    if step % config.checkpoint.every_steps == 0 and step % steps_per_epoch:
-                        _record(pending, log, epoch_sums, config.log.every_steps)
-                        pending = None
-                        save(step)
-                    if guard.should_stop(step):
-                        if pending is not None:
-                            _record(pending, log, epoch_sums, config.log.every_steps)
-                        save(step, wait=True)
-                        raise Preempted(f"{job.name}: preempted at step {step}; checkpoint saved")
-                if pending is not None:
-                    _record(pending, log, epoch_sums, config.log.every_steps)
-                    pending = None
-                record = _epoch_record(epoch, step, epoch_sums, lr_at)
-                record["train_seconds"] = time.perf_counter() - epoch_start  # metrics were read: the steps are done
-                evaluation = None
-                last_epoch = epoch + 1 == optim.epochs
-                if eval_fn is not None and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
-                    eval_start = time.perf_counter()
-                    evaluation = eval_fn(
-                        Network(plain_module, {"params": state.params, "batch_stats": state.batch_stats})
-                    )
-                    record.update(evaluation, eval_seconds=time.perf_counter() - eval_start)
-                log.write("epoch", step, record)
-                epoch_records.append(record)
-                progress.write(reporting.epoch_line(job.name, record))
-                save(step, {"eval": evaluation, "complete": last_epoch}, evaluation=evaluation)
+        log = reporting.MetricsLog(job.workdir, tensorboard=config.log.tensorboard)
+        abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        latest_meta = checkpoints.read_meta("latest")
+        epochs_field = f"config.{'teacher.' if job.name == 'teacher' else ''}optim.epochs"
+        if latest_meta is None:
+            _check_progress_without_checkpoint(log, checkpoints.directory, job.name)
+        else:
+            check_resumable(latest_meta, meta, checkpoints.directory, total_steps, epochs_field)
+            state, latest_meta = checkpoints.restore_latest(abstract_state, signature)
+        start_step = int(state.step)
+        progress_in_epoch = EpochProgress.from_meta((latest_meta or {}).get("epoch_progress"))
+        epoch_records = [r for r in log.read("epoch") if r["step"] <= start_step]
+        teacher_vars = parallel.replicate(job.teacher.variables, mesh) if job.teacher is not None else None
+        step_fn = parallel.compile_synchronized(
+            step_fn, state, teacher_vars, *abstract_batch(dataset, optim.batch_size, mesh), name=f"{job.name}/step"
+        )
+        lr_at = learning_rate_schedule(optim, steps_per_epoch)
+        if start_step:
+            logger.info("%s: resuming at step %d of %d", job.name, start_step, total_steps)
+        progress = reporting.progress_bar(total_steps, start_step, f"{job.name}", enabled=config.log.progress)
+        profiler = reporting.StepProfiler(config.profile_steps, storage.path(job.workdir) / "profile")
+        loop = _Loop(
+            job,
+            config,
+            dataset,
+            mesh,
+            step_fn,
+            teacher_vars,
+            steps_per_epoch,
+            lr_at,
+            log,
+            progress,
+            profiler,
+            checkpoints,
+            meta,
+            guard,
+        )
+        state = loop.run(state, start_step, progress_in_epoch, epoch_records, eval_fn, plain_module)
         checkpoints.wait()
-    finally:
-        profiler.close()
-        progress.close()
-        log.close()
-        checkpoints.close()
+    except BaseException:
+        _close_all((profiler, progress, log, checkpoints), failing=True)
+        raise
+    _close_all((profiler, progress, log, checkpoints), failing=False)
     network = Network(plain_module, jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
-    return Outcome(network=network, steps=step, epoch_records=epoch_records)
+    return Outcome(network=network, steps=loop.step, epoch_records=epoch_records)
+
+
+def _close_all(resources, failing: bool) -> None:
+    """Closes every resource; while an error is already on its way, a second one from closing is logged, not raised
+    (a full disk must be reported as the failed save, not as the log file that could not be flushed after it)."""
+    first = None
+    for resource in resources:
+        if resource is None:
+            continue
+        try:
+            resource.close()
+        except Exception as error:  # noqa: BLE001 - reported below
+            if failing or first is not None:
+                logger.warning("while stopping, closing %s failed too: %s", type(resource).__name__, error)
+            else:
+                first = error
+    if first is not None:
+        raise first
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The epoch / step loop of one job: the checks, saves, records and preemption checks around each step."""
+
+    job: Job
+    config: Any
+    dataset: Any
+    mesh: Any
+    step_fn: Any  # the compiled train step
+    teacher_vars: Any
+    steps_per_epoch: int
+    lr_at: optax.Schedule
+    log: reporting.MetricsLog
+    progress: Any
+    profiler: reporting.StepProfiler
+    checkpoints: ckpt_lib.RunCheckpoints
+    meta: dict  # what every save records besides the state
+    guard: preemption.PreemptionGuard
+    state: TrainState | None = None
+    step: int = 0
+
+    def save(self, progress_in_epoch: EpochProgress, extra=None, wait=False, evaluation=None) -> None:
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        saved_meta = {
+            **self.meta,
+            "step": self.step,
+            "epoch": epoch,
+            "step_in_epoch": in_epoch,
+            "epoch_progress": progress_in_epoch.to_meta() if in_epoch else None,
+            **(extra or {}),
+        }
+        self.checkpoints.save(self.step, self.state, saved_meta, evaluation)
+        if wait:
+            self.checkpoints.wait()
+
+    def stop(self, progress_in_epoch: EpochProgress) -> None:
+        self.save(progress_in_epoch, wait=True)
+        raise Preempted(f"{self.job.name}: preempted at step {self.step}; checkpoint saved")
+
+    def check(self, pending, progress_in_epoch: EpochProgress) -> None:
+        """Checks one step's metrics (before anything after that step is saved), accumulates and logs them."""
+        step, metrics = pending
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = _first_nonfinite(values)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{self.job.name} diverged at step {step + 1}: {bad} = {values[bad]} (all: {values}). Nothing from "
+                f"this step on was saved: the newest checkpoint in {self.checkpoints.directory} holds the last finite "
+                "state. To retry with a lower learning rate (or other method weights), use a fresh --workdir or "
+                "delete that run directory: a resume keeps the settings the run was started with."
+            )
+        progress_in_epoch.add(values)
+        if (step + 1) % self.config.log.every_steps == 0:
+            self.log.write("step", step + 1, values)
+
+    def run(self, state, start_step, progress_in_epoch, epoch_records, eval_fn, plain_module):
+        config, optim, spe = self.config, self.job.plan.optim, self.steps_per_epoch
+        total_steps = optim.epochs * spe
+        self.state, self.step = state, start_step
+        pending = (
+            None  # (step, metrics on device) of the previous step, checked one step late to keep the pipeline full
+        )
+        window_start, window_images = time.perf_counter(), 0
+        for epoch in range(start_step // spe, optim.epochs):
+            batches = pipeline.prefetch(
+                pipeline.train_batches(
+                    self.dataset.train,
+                    global_batch_size=optim.batch_size,
+                    seed=config.seed,
+                    epoch=epoch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                    start_step=self.step - epoch * spe,
+                )
+            )
+            if self.step % spe == 0:
+                progress_in_epoch = EpochProgress()
+            epoch_start = time.perf_counter() - progress_in_epoch.train_seconds
+            for images, labels in batches:
+                images, labels = parallel.global_batch((images, labels), self.mesh)
+                self.profiler.before_step(self.step)
+                self.state, metrics = self.step_fn(self.state, self.teacher_vars, images, labels)
+                self.profiler.after_step(self.step + 1, metrics)
+                if pending is not None:
+                    self.check(pending, progress_in_epoch)
+                pending = (self.step, metrics)
+                self.step += 1
+                window_images += optim.batch_size
+                if self.step % config.log.every_steps == 0 or self.step == total_steps:
+                    now = time.perf_counter()
+                    self._report_rate(metrics, window_images / max(now - window_start, 1e-9))
+                    window_start, window_images = now, 0
+                self.progress.update(1)
+                mid_epoch = self.step % spe != 0
+                # The epoch's last step goes on to the evaluation and the epoch-end save; the stop comes after them.
+                stopping = mid_epoch and self.guard.should_stop()
+                if stopping or (mid_epoch and self.step % config.checkpoint.every_steps == 0):
+                    self.check(pending, progress_in_epoch)
+                    pending = None
+                    progress_in_epoch.train_seconds = time.perf_counter() - epoch_start
+                    if stopping:
+                        self.stop(progress_in_epoch)
+                    self.save(progress_in_epoch)
+            if pending is not None:
+                self.check(pending, progress_in_epoch)
+                pending = None
+            record = {
+                **progress_in_epoch.means(),
+                "epoch": epoch + 1,
+                "step": self.step,
+                "lr": float(self.lr_at(self.step - 1)),
+            }
+            record["train_seconds"] = time.perf_counter() - epoch_start  # metrics were read: the steps are done
+            evaluation = None
+            last_epoch = epoch + 1 == optim.epochs
+            if eval_fn is not None and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
+                eval_start = time.perf_counter()
+                evaluation = eval_fn(
+                    Network(plain_module, {"params": self.state.params, "batch_stats": self.state.batch_stats})
+                )
+                record.update(evaluation, eval_seconds=time.perf_counter() - eval_start)
+            self.log.write("epoch", self.step, record)
+            epoch_records.append(record)
+            self.progress.write(reporting.epoch_line(self.job.name, record))
+            self.save(progress_in_epoch, {"eval": evaluation, "complete": last_epoch}, evaluation=evaluation)
+            if self.guard.should_stop():
+                self.checkpoints.wait()
+                raise Preempted(
+                    f"{self.job.name}: preempted at step {self.step} (end of epoch {epoch + 1}); checkpoint saved"
+                )
+        return self.state
+
+    def _report_rate(self, metrics, rate: float) -> None:
+        values = jax.device_get(metrics)
+        accuracy = values.get("accuracy_adv", values.get("accuracy_nat", float("nan")))
+        self.progress.set_postfix(
+            loss=f"{float(values['loss']):.4f}", acc=f"{float(accuracy):.3f}", img_s=f"{rate:.0f}", refresh=False
+        )
+        self.log.write("throughput", self.step, {"images_per_second": rate, "lr": float(self.lr_at(self.step - 1))})
 
 
 def abstract_batch(dataset, batch_size: int, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -491,27 +668,3 @@ def abstract_batch(dataset, batch_size: int, mesh) -> tuple[jax.ShapeDtypeStruct
             (batch_size,), jax.dtypes.canonicalize_dtype(dataset.train.labels.dtype), sharding=sharding
         ),
     )
-
-
-def _record(pending, log, epoch_sums: dict, every: int) -> None:
-    """Checks one step's metrics for non-finite values, accumulates them, and logs every ``every`` steps."""
-    step, metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    bad = _first_nonfinite(values)
-    if bad is not None:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step + 1}: term {bad!r} = {values[bad]} (all terms: {values}); "
-            "the last good checkpoint is kept. Lower the learning rate or check the method's weights."
-        )
-    for name, value in values.items():
-        epoch_sums[name] = epoch_sums.get(name, 0.0) + value
-    epoch_sums["_count"] = epoch_sums.get("_count", 0.0) + 1
-    if (step + 1) % every == 0:
-        log.write("step", step + 1, values)
-
-
-def _epoch_record(epoch: int, step: int, sums: dict, lr_at) -> dict:
-    count = max(sums.get("_count", 0.0), 1.0)
-    record = {f"train_{k}": v / count for k, v in sums.items() if k != "_count"}
-    record.update(epoch=epoch + 1, step=step, lr=float(lr_at(step - 1)))
-    return record

@@ -97,4 +97,4 @@ if __name__ == "__main__":
 
     from mmard_jax import main
 
-    app.run(main.main, argv=["mmard_jax.main", *sys.argv[separator + 1 :]])
+    app.run(main.main, argv=["mmard_jax.main", *sys.argv[separator + 1 :]], flags_parser=main.parse_flags)

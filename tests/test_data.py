@@ -202,6 +202,63 @@ def test_download_verifies_then_renames(tmp_path, tiny_cifar10):
     assert dest.read_bytes() == path.read_bytes()
 
 
+def test_official_sizes_belong_to_the_official_digests():
+    assert sources.archive_spec("cifar10").size == 170_498_071
+    assert sources.archive_spec("cifar100").size == 169_001_437
+    assert sources.ARCHIVE_SIZES == {
+        "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce": 170_498_071,
+        "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7": 169_001_437,
+    }
+
+
+def test_an_archive_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, tiny_cifar10, monkeypatch):
+    """A cut-short copy is refused from its size alone: the file is never opened, let alone read into memory."""
+    path = tiny_cifar10[0]
+    cfg = _config(source="cifar_archive", name="cifar10", archive_dir=str(tmp_path), download=False)
+
+    def never_opened(*args, **kwargs):
+        raise AssertionError("the archive was opened")
+
+    monkeypatch.setattr(sources, "open", never_opened, raising=False)
+    with pytest.raises(sources.ArchiveDigestError) as info:
+        sources.load_dataset(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not the official cifar-10-python.tar.gz; refusing to unpickle it")
+    assert f"(size {path.stat().st_size:,} bytes != expected 170,498,071)" in message
+    assert "--config.data.download=True" in message
+    # Another archive's own digests carry no size: only they are checked (after reading it).
+    monkeypatch.undo()
+    sha256, md5 = tiny_cifar10[1:3]
+    assert sources.read_cifar_archive(path, "cifar10", sha256=sha256, md5=md5)[2] == 10
+
+
+def test_an_archive_of_the_official_size_is_still_checked_by_its_digests(tmp_path):
+    path = tmp_path / "cifar-100-python.tar.gz"
+    with open(path, "wb") as f:
+        f.truncate(169_001_437)  # sparse: the right size, all zeros
+    with pytest.raises(sources.ArchiveDigestError, match=r"\(SHA-256 [0-9a-f]{64} != expected 85cd44d0"):
+        sources.read_cifar_archive(path, "cifar100")
+
+
+def test_an_archive_path_that_is_a_folder_is_one_clear_error(tmp_path):
+    folder = tmp_path / "cifar-10-python.tar.gz"
+    folder.mkdir()
+    with pytest.raises(sources.DataUnavailableError) as info:
+        sources.read_cifar_archive(folder, "cifar10")
+    assert str(info.value) == (
+        f"{folder} is a folder, not the cifar-10-python.tar.gz archive; "
+        "config.data.archive_dir must hold the file itself."
+    )
+    cfg = _config(source="cifar_archive", name="cifar10", archive_dir=str(tmp_path), download=True)
+    with pytest.raises(sources.DataUnavailableError) as info:
+        sources.load_dataset(cfg)
+    first_line = str(info.value).split("\n")[0]
+    assert (
+        first_line
+        == f"{folder} is a folder in config.data.archive_dir={tmp_path}; it should be the archive file itself."
+    )
+
+
 def test_load_dataset_downloads_archive_and_carves_holdout(tmp_path, tiny_cifar10, monkeypatch):
     path, sha256, md5, _, expected = tiny_cifar10
     spec = sources.archive_spec("cifar10")._replace(url=path.as_uri(), sha256=sha256, md5=md5)

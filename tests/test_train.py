@@ -221,7 +221,7 @@ def test_sigterm_saves_and_resume_is_exact(digits, tmp_path):
         train.train(job, config, digits, mesh, eval_fn=sigterm_after_first_epoch)
     steps_per_epoch = digits.train.num_examples // config.optim.batch_size
     saved = ckpt_lib.RunCheckpoints(os.path.join(job.workdir, "checkpoints"))
-    assert saved.latest_step() == steps_per_epoch + 1  # saved right after the step during which SIGTERM arrived
+    assert saved.latest_step() == steps_per_epoch  # SIGTERM during the epoch's evaluation: stopped after its save
     saved.close()
     resumed = train.train(job, config, digits, mesh)
     assert resumed.steps == reference.steps == 2 * steps_per_epoch
@@ -286,12 +286,23 @@ def test_training_on_real_digits_lowers_loss_and_raises_pgd_accuracy(digits, tmp
     assert outcome.epoch_records[-1]["pgd_acc"] > initial["pgd_acc"] + 0.2
 
 
-def test_nonfinite_loss_stops_with_the_step_and_term(digits, tmp_path):
+def test_divergence_is_caught_before_it_is_saved_and_names_the_run(digits, tmp_path):
+    """The learning rate jumps to 1e29 at epoch 2: the first update there overflows the parameters while that step's
+    loss (computed before the update) is still finite. The run stops at that step, names itself, and every checkpoint
+    left on disk, the newest included, holds finite parameters from before the jump."""
     config = loop_config()
-    config.optim.lr = 1e30  # diverges at once
+    config.optim.decay_epochs, config.optim.decay_factor = (1,), 1e30
+    config.checkpoint.every_steps = 1  # a save after every step: the diverged one must not be among them
     mesh = parallel.make_mesh()
-    with pytest.raises(train.NonFiniteLossError, match=r"step \d+: term '"):
+    steps_per_epoch = digits.train.num_examples // config.optim.batch_size
+    with pytest.raises(train.NonFiniteLossError, match=rf"pgd_at diverged at step {steps_per_epoch + 1}: param_norm"):
         train.train(make_job(config, tmp_path, "pgd_at", None), config, digits, mesh)
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
+    assert manager.latest_step() == steps_per_epoch
+    for step in manager.all_steps():
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"])), step
+    manager.close()
 
 
 def test_learning_rate_schedule_switches_at_epoch_boundaries():

@@ -8,14 +8,15 @@ Sources (`config.data.source`):
 - ``cifar_archive`` (the CIFAR default): the official ``cifar-10-python.tar.gz`` /
   ``cifar-100-python.tar.gz`` (the files torchvision downloads), fetched once into
   ``config.data.archive_dir`` (default ``$MMARD_JAX_CACHE``, else ``~/.cache/mmard_jax``; mirror:
-  ``$MMARD_JAX_CIFAR_URL``) and verified by SHA-256 and MD5 before anything is unpickled.
+  ``$MMARD_JAX_CIFAR_URL``); its size is checked before it is read into memory, and its SHA-256 and
+  MD5 before anything is unpickled.
 
 Every source returns a `Dataset` of `ArraySource` splits: images uint8 [N, H, W, C] (channel dim
 even for grayscale), labels int32 [N]. `ArraySource.num_examples` gives N. Nothing is cached to
 disk except a downloaded CIFAR archive.
 
 Data that is missing or cannot be fetched raises `DataUnavailableError` (a FileNotFoundError) and
-an archive with the wrong digests `ArchiveDigestError` (a ValueError); each message says how to fix
+an archive with the wrong size or digests `ArchiveDigestError` (a ValueError); each message says how to fix
 it, and `python -m mmard_jax.main` prints it as one ``error:`` message and exits with status 2.
 """
 
@@ -27,6 +28,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -52,7 +54,7 @@ class DataUnavailableError(FileNotFoundError):
 
 
 class ArchiveDigestError(ValueError):
-    """A CIFAR archive whose SHA-256 or MD5 is not the official one; it is never unpickled."""
+    """A CIFAR archive whose size, SHA-256 or MD5 is not the official one; it is never unpickled."""
 
 
 class ArraySource(NamedTuple):
@@ -255,6 +257,7 @@ class ArchiveSpec(NamedTuple):
     url: str
     sha256: str
     md5: str
+    size: int  # bytes
     train_members: tuple[str, ...]
     test_members: tuple[str, ...]
     label_key: bytes
@@ -263,12 +266,14 @@ class ArchiveSpec(NamedTuple):
 
 # Digests: MD5 from the dataset's page (cs.toronto.edu/~kriz/cifar.html); SHA-256 as pinned by
 # keras.datasets and torchvision's dataset registry (TFDS ships only the binary archives' sums).
+# Sizes: the Content-Length of the official files (what torchvision's and keras's downloads report).
 CIFAR_ARCHIVES: dict[str, ArchiveSpec] = {
     "cifar10": ArchiveSpec(
         filename="cifar-10-python.tar.gz",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
         md5="c58f30108f718f92721af3b95e74349a",
+        size=170_498_071,
         train_members=tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
         test_members=("cifar-10-batches-py/test_batch",),
         label_key=b"labels",
@@ -279,12 +284,18 @@ CIFAR_ARCHIVES: dict[str, ArchiveSpec] = {
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         sha256="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
+        size=169_001_437,
         train_members=("cifar-100-python/train",),
         test_members=("cifar-100-python/test",),
         label_key=b"fine_labels",
         num_classes=100,
     ),
 }
+
+
+# The byte size of the file with each official SHA-256. A size belongs to its digest: a caller that expects other
+# digests (a mirror's own build, a test's archive) gets no size check, only the digest check.
+ARCHIVE_SIZES: dict[str, int] = {spec.sha256: spec.size for spec in CIFAR_ARCHIVES.values()}
 
 
 def archive_spec(name: str) -> ArchiveSpec:
@@ -376,11 +387,32 @@ def _fetch_hint(spec: ArchiveSpec, path: str) -> str:
     )
 
 
+def _not_official(path: str | os.PathLike, spec: ArchiveSpec, mismatch: str, fix: str) -> ArchiveDigestError:
+    return ArchiveDigestError(
+        f"{path} is not the official {spec.filename}; refusing to unpickle it (unpickling runs code).\n"
+        f"({mismatch})\n{fix}"
+    )
+
+
+def _check_size(path: str | os.PathLike, spec: ArchiveSpec, sha256: str, fix: str) -> None:
+    """Refuses a folder (DataUnavailableError) and, for official digests, a file of another size than the official
+    archive (ArchiveDigestError ending in `fix`), before a byte of it is read into memory."""
+    found = os.stat(path)  # FileNotFoundError when missing
+    if stat.S_ISDIR(found.st_mode):
+        raise DataUnavailableError(
+            f"{path} is a folder, not the {spec.filename} archive; config.data.archive_dir must hold the file itself."
+        )
+    expected = ARCHIVE_SIZES.get(sha256.lower())
+    if expected is not None and found.st_size != expected:
+        raise _not_official(path, spec, f"size {found.st_size:,} bytes != expected {expected:,}", fix)
+
+
 def _read_verified(
     path: str | os.PathLike, spec: ArchiveSpec, sha256: str, md5: str, fix: str = "Delete it and download it again."
 ) -> bytes:
-    """The bytes of `path`, after checking its digests: a mismatch raises ArchiveDigestError ending in `fix`."""
+    """The bytes of `path`, after checking its size and digests: a mismatch raises ArchiveDigestError ending in `fix`."""
     try:
+        _check_size(path, spec, sha256, fix)
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
@@ -389,10 +421,7 @@ def _read_verified(
         raise DataUnavailableError(f"cannot read {path}: {err.strerror or err}") from err
     mismatch = _digest_mismatch(_new_hashes(data), sha256, md5)
     if mismatch:
-        raise ArchiveDigestError(
-            f"{path} is not the official {spec.filename}; refusing to unpickle it (unpickling runs code).\n"
-            f"({mismatch})\n{fix}"
-        )
+        raise _not_official(path, spec, mismatch, fix)
     return data
 
 
@@ -549,7 +578,7 @@ def _archive_path(data_cfg: Any, spec: ArchiveSpec) -> str:
         )
     if os.path.isdir(path):
         raise DataUnavailableError(
-            f"{path} is a folder; it should be the archive file itself.\n"
+            f"{path} is a folder in config.data.archive_dir={archive_dir}; it should be the archive file itself.\n"
             f"Remove that folder, then run again.\n{_fetch_hint(spec, path)}"
         )
     return path
