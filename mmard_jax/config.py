@@ -50,9 +50,9 @@ def attack_config(eps: float, step_size: float, steps: int, init: str = "method"
             "init": init,
             "init_scale": 0.001,  # σ of the 'normal' init (RSLAD, AdaAD, TRADES code)
             "norm": "linf",
-            # lax.fori_loop unroll: 1 = rolled (right on GPU/TPU); >= steps = fully unrolled, 3-7x faster on
-            # XLA:CPU (jax-ml/jax#12868).
-            "unroll": 1,
+            # lax.fori_loop unroll: 0 = by platform (fully unrolled on CPU, rolled on GPU/TPU); 1 = rolled; >= steps =
+            # fully unrolled, 3-7x faster on XLA:CPU (jax-ml/jax#12868; benchmarks/results/step_speed.md)
+            "unroll": 0,
         }
     )
 
@@ -132,7 +132,7 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
             # far more per example than PGD, so a study may run it on a subset (python -m mmard_jax.study)
             "autoattack_examples": 0,
             "checkpoint": "best",  # which student checkpoint the final evaluation reads: 'best' | 'last'
-            "unroll": 1,
+            "unroll": 0,  # the evaluation's PGD / CW loops: as attack.unroll (0 = by platform)
         }
     )
 
@@ -288,7 +288,7 @@ def _check_attack(prefix: str, attack) -> None:
     _check_choice(f"{prefix}.init", attack.init, PGD_INITS)
     checks.number(f"config.{prefix}.init_scale", attack.init_scale, low=0.0)
     _check_choice(f"{prefix}.norm", attack.norm, NORMS)
-    checks.positive_int(f"config.{prefix}.unroll", attack.unroll)  # 1 = rolled loop
+    checks.non_negative_int(f"config.{prefix}.unroll", attack.unroll)  # 0 = by platform, 1 = rolled loop
     if attack.norm == "linf":
         _check_reach(f"{prefix}.step_size", attack.steps, attack.step_size, attack.eps)
 
@@ -467,7 +467,7 @@ def _check_eval(eval_cfg, device_count: int) -> None:
     for field in ("pgd_step_size", "cw_step_size", "periodic_pgd_step_size"):
         checks.number(f"config.eval.{field}", eval_cfg[field], low=0.0, low_open=True)
     checks.number("config.eval.cw_kappa", eval_cfg.cw_kappa, low=0.0)
-    checks.positive_int("config.eval.unroll", eval_cfg.unroll)
+    checks.non_negative_int("config.eval.unroll", eval_cfg.unroll)  # 0 = by platform
     _check_reach("eval.pgd_step_size", eval_cfg.pgd_steps, eval_cfg.pgd_step_size, eval_cfg.eps)
     _check_reach("eval.cw_step_size", eval_cfg.cw_steps, eval_cfg.cw_step_size, eval_cfg.eps)
     _check_reach(

@@ -18,7 +18,7 @@ import numpy as np
 
 from mmard_jax import checks, parallel, reporting
 from mmard_jax.attacks.common import predicted_correctly
-from mmard_jax.attacks.pgd import PGDSpec, ce_attack, cw_linf
+from mmard_jax.attacks.pgd import PGDSpec, ce_attack, cw_linf, platform_unroll
 from mmard_jax.data import augment, pipeline
 from mmard_jax.networks import Network, inference_logits
 
@@ -49,14 +49,17 @@ def adversarial(spec: AttackSpec, logits_fn: Callable, x, y, key):
 
 def final_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     """The final suite of docs/method.md §4 as configured: clean, FGSM, PGD-k and CW∞ (AutoAttack runs separately)."""
-    eps, unroll = eval_cfg.eps, eval_cfg.unroll
+    eps = eval_cfg.eps
     specs = [AttackSpec("clean")]
     if eval_cfg.fgsm:
         specs.append(AttackSpec("fgsm", PGDSpec(eps, step_size=eps, steps=1, init="none")))
     if eval_cfg.pgd_steps > 0:
+        unroll = platform_unroll(eval_cfg.unroll, eval_cfg.pgd_steps)
         specs.append(AttackSpec("pgd", PGDSpec(eps, eval_cfg.pgd_step_size, eval_cfg.pgd_steps, unroll=unroll)))
     if eval_cfg.cw_steps > 0:
-        cw = PGDSpec(eps, eval_cfg.cw_step_size, eval_cfg.cw_steps, unroll=unroll)
+        cw = PGDSpec(
+            eps, eval_cfg.cw_step_size, eval_cfg.cw_steps, unroll=platform_unroll(eval_cfg.unroll, eval_cfg.cw_steps)
+        )
         specs.append(AttackSpec("cw", cw, loss="cw", kappa=eval_cfg.cw_kappa))
     return tuple(specs)
 
@@ -64,7 +67,9 @@ def final_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
 def periodic_attacks(eval_cfg) -> tuple[AttackSpec, ...]:
     """The cheap evaluation run during training to pick the best checkpoint: clean and PGD."""
     steps = eval_cfg.periodic_pgd_steps
-    pgd = PGDSpec(eval_cfg.eps, eval_cfg.periodic_pgd_step_size, steps, unroll=min(eval_cfg.unroll, steps))
+    pgd = PGDSpec(
+        eval_cfg.eps, eval_cfg.periodic_pgd_step_size, steps, unroll=min(platform_unroll(eval_cfg.unroll, steps), steps)
+    )
     return AttackSpec("clean"), AttackSpec("pgd", pgd)
 
 

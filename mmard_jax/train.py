@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import parallel, preemption, reporting, storage
 from mmard_jax.attacks import PGDSpec, example_keys, per_example_start, pgd
+from mmard_jax.attacks.pgd import platform_unroll
 from mmard_jax.config import JobPlan
 from mmard_jax.data import augment, pipeline
 from mmard_jax.methods import Method, Views
@@ -268,7 +269,7 @@ def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepS
             init=method.attack_init if attack.init == "method" else attack.init,
             init_scale=attack.init_scale,
             norm=attack.norm,
-            unroll=attack.unroll,
+            unroll=platform_unroll(attack.unroll, attack.steps),
         ),
         crop_padding=config.data.crop_padding,
         flip=config.data.flip,

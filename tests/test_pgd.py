@@ -245,3 +245,11 @@ def test_projection_keeps_inner_points_and_pulls_outer_points_onto_the_sphere(no
     inside, outside = x + 0.5 * eps * unit, x + 2.0 * eps * unit
     np.testing.assert_allclose(project(inside, x, eps, norm), inside, atol=1e-7)
     np.testing.assert_allclose(_per_example_distance(project(outside, x, eps, norm), x, norm), eps, rtol=1e-5)
+
+
+def test_unroll_zero_means_by_platform_fully_unrolled_on_cpu_rolled_elsewhere():
+    from mmard_jax.attacks.pgd import platform_unroll
+
+    assert [platform_unroll(0, 10, backend) for backend in ("cpu", "gpu", "tpu")] == [10, 1, 1]
+    assert platform_unroll(0, 0, "cpu") == 1  # a 0-step loop still gets a valid unroll
+    assert [platform_unroll(4, 10, backend) for backend in ("cpu", "gpu")] == [4, 4]  # an explicit value is kept

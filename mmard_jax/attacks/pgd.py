@@ -37,6 +37,18 @@ def _check_loop(*, step_size, steps, unroll) -> None:
     check_non_negative("step_size", step_size)
 
 
+AUTO_UNROLL = 0  # a config's unroll value meaning "what suits the platform"
+
+
+def platform_unroll(unroll: int, steps: int, backend: str | None = None) -> int:
+    """A config's ``unroll``, with 0 (auto) resolved for the backend: fully unrolled on XLA:CPU, whose rolled loops of
+    convolutions run several times slower (jax-ml/jax#12868; benchmarks/step_speed.py), rolled (1) on GPU/TPU, where a
+    rolled loop compiles faster and runs as fast."""
+    if unroll != AUTO_UNROLL:
+        return unroll
+    return max(steps, 1) if (backend or jax.default_backend()) == "cpu" else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class PGDSpec:
     """One PGD configuration (hashable: a static argument of jitted programs); run it with
