@@ -206,3 +206,19 @@ def test_every_layer_refuses_bad_values_in_one_dialect(call, field):
     with pytest.raises(InvalidValue) as error:
         call()
     assert str(error.value).startswith(f"{field}: ")
+
+
+def test_default_host_devices_one_per_core_dividing_every_batch():
+    from mmard_jax import host_devices
+
+    assert host_devices.default_host_devices([128, 256], cores=2) == 2
+    assert host_devices.default_host_devices([128, 256], cores=16) == 8  # capped
+    assert host_devices.default_host_devices([128, 200], cores=16) == 8
+    assert host_devices.default_host_devices([64, 100], cores=8) == 4  # 100 = 4 * 25
+    assert host_devices.default_host_devices([33], cores=8) == 1
+    assert host_devices.default_host_devices([128], cores=3) == 2  # a power of two no larger than the cores
+    env = {"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}
+    assert host_devices.set_default_host_devices([128], env) in (1, 2, 4, 8)
+    assert "--xla_force_host_platform_device_count=" in env["XLA_FLAGS"] and "xnnpack" in env["XLA_FLAGS"]
+    user = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert host_devices.set_default_host_devices([128], user) is None and user["XLA_FLAGS"].endswith("=3")

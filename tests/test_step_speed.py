@@ -1,0 +1,54 @@
+"""benchmarks/step_speed.py at test sizes: the PyTorch twin computes the train step, and the accelerator mode's code
+path runs on CPU (the CI smoke test of what a GPU/TPU run executes)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import step_speed  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["mmard", "rslad"])
+def test_the_pytorch_twin_computes_the_same_train_step(method, tmp_path):
+    """Same weights, batch and PGD start: the JAX step and the twin's agree in loss and parameter update."""
+    report = tmp_path / "check.md"
+    results = step_speed.main(["--check", "--tiny", "--setting", "cifar", "--method", method, "--output", str(report)])
+    result = results[f"cifar/{method}"]
+    assert results["passed"], result
+    assert step_speed.within(result, step_speed.EXACT)
+    assert result["update_norm"] > 1e-4  # the step moved the parameters: the comparison is not vacuous
+    assert "| yes |" in report.read_text()
+
+
+def test_accelerator_mode_runs_tiny_on_cpu(tmp_path):
+    """What ``--platform gpu`` runs, at test sizes on CPU: timing, MFU, memory and the largest-batch search."""
+    report = tmp_path / "accelerator.md"
+    argv = ["--platform", "cpu", "--tiny", "--method", "mmard", "--dtype", "float32", "--steps", "1"]
+    results = step_speed.main([*argv, "--output", str(report)])
+    assert results["mmard/float32"]["img_s"] > 0
+    assert 0 < results["mmard/float32"]["mfu"] < 1
+    assert results["largest_batch/float32"] == 16  # doubling from 8, capped at twice the batch on CPU
+    text = report.read_text()
+    assert "MFU" in text and "Largest batch" in text
+
+
+def test_contention_rule_separates_other_processes_from_our_own_threads():
+    def round_(cpu_seconds, wait_seconds):  # one second of wall time
+        return step_speed.Round([1.0], cpu_seconds, wait_seconds, peak_rss=0, start_rss=0, ended=1.0)
+
+    quiet, busy_elsewhere, own_threads = round_(1.2, 0.02), round_(1.0, 0.8), round_(1.95, 0.5)
+    cores = 2
+    idle = 0.1 + step_speed.os.cpu_count() - cores  # load before: nothing else runs
+
+    def verdict(load_before, load_after, side_round):
+        own = step_speed.recent_busy_cores([side_round])
+        return step_speed.contention((load_before,) * 3, (load_after,) * 3, own, {"JAX": [side_round]}, cores)
+
+    assert verdict(idle, 1.3, quiet) is None
+    assert verdict(idle, 2.0, own_threads) is None  # waits behind its own threads, but keeps its cores busy
+    assert "during the JAX rounds" in verdict(idle, 1.0, busy_elsewhere)
+    assert "load before" in verdict(idle + 1.0, 1.3, quiet)
+    assert "load after" in verdict(idle, idle + 3.0, quiet)
