@@ -82,7 +82,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per round (default: cifar 2, mnist 10, tiny 2)")
     parser.add_argument("--cores", help="CPU cores to pin both sides to, e.g. '0,1' (default: this process's)")
     parser.add_argument(
-        "--devices", type=int, help="JAX devices (default: the product's: on CPU one host device per core, up to 8)"
+        "--devices",
+        type=int,
+        help="JAX devices (default: the product's: 1, or one per core with MMARD_JAX_HOST_DEVICES=auto)",
     )
     parser.add_argument("--unroll", type=int, help="config.attack.unroll (1 = rolled PGD loop)")
     parser.add_argument(
@@ -105,7 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if args.platform and args.check:
         parser.error("--check compares against PyTorch on CPU; it does not combine with --platform")
-    if args.devices is None:  # what `python -m mmard_jax.main` picks (mmard_jax/host_devices.py)
+    if args.devices is None and os.environ.get("MMARD_JAX_HOST_DEVICES") != "auto":
+        args.devices = 1  # the product's default: one device (mmard_jax/host_devices.py is opt-in)
+    if args.devices is None:  # MMARD_JAX_HOST_DEVICES=auto: what `python -m mmard_jax.main` then picks
         cpu = args.platform in (None, "cpu")
         args.devices = (
             default_host_devices([args.batch or 8 if args.tiny else args.batch or 32], len(parse_cores(args.cores)))

@@ -1,7 +1,11 @@
-"""How many XLA:CPU devices a run uses by default: one per core (up to 8), so the data-parallel step keeps every core
-busy. With one device XLA:CPU leaves about a quarter of 2 cores idle inside a step; two host devices on 2 cores made
-the demo's MMARD and RSLAD steps 1.4-1.6x faster (benchmarks/results/step_speed.md). Results do not depend on the
-device count (tests/test_train.py), and the flag only shapes the CPU platform: GPU and TPU runs are unaffected.
+"""Opt-in (``MMARD_JAX_HOST_DEVICES=auto``): one XLA:CPU device per core (up to 8), so the data-parallel step keeps every
+core busy. With one device XLA:CPU leaves about a quarter of 2 cores idle inside a step; two host devices on 2 cores
+made the demo's MMARD and RSLAD steps 1.5-1.6x faster than PyTorch (benchmarks/results/step_speed.md). Results do not
+depend on the device count (tests/test_train.py), and the flag only shapes the CPU platform.
+
+Not the default: in a study run on 2 cores with 2 host devices, an all-gather inside AutoAttack's host-driven APGD-T
+loop once waited 40 s for the second device and XLA:CPU aborted the process (rendezvous termination timeout), after 10
+runs that went through. Until that is understood, one device stays the default.
 
 This module must not import JAX: the count is fixed by ``XLA_FLAGS`` before JAX's backends start.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+OPT_IN_VARIABLE = "MMARD_JAX_HOST_DEVICES"
 MAX_HOST_DEVICES = 8
 
 
