@@ -276,10 +276,20 @@ def step_spec(job: Job, config, num_classes: int, steps_per_epoch: int) -> StepS
     )
 
 
+def section_prefix(job: Job) -> str:
+    """Where a job's method / attack / optim sections live in the config: ``teacher.`` for the teacher, else top level."""
+    return "teacher." if job.name == "teacher" else ""
+
+
+def epochs_field(job: Job) -> str:
+    return f"config.{section_prefix(job)}optim.epochs"
+
+
 def job_sections(job: Job) -> dict[str, Any]:
     """The config sections a job trains with, by their config path (the teacher's live under ``teacher.``)."""
     plan = job.plan
-    prefix, model = ("teacher.", "teacher.model") if job.name == "teacher" else ("", "student.model")
+    prefix = section_prefix(job)
+    model = f"{prefix}model" if prefix else "student.model"
     return {
         model: plan.model,
         f"{prefix}method": plan.method_cfg,
@@ -312,9 +322,8 @@ def trajectory_settings(job: Job, config, teacher_digest: str | None) -> dict[st
     settings = {}
     for path, section in job_sections(job).items():
         settings.update(_flatten(f"config.{path}", section))
-    epochs_field = f"config.{'teacher.' if job.name == 'teacher' else ''}optim.epochs"
     if job.plan.optim.schedule != "cosine":
-        del settings[epochs_field]
+        del settings[epochs_field(job)]
     data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_LOCATION_FIELDS}
     settings.update(_flatten("config.data", data))
     settings.update(
@@ -456,11 +465,10 @@ def _train(job: Job, config, dataset, mesh, eval_fn, guard: preemption.Preemptio
         log = reporting.MetricsLog(job.workdir, tensorboard=config.log.tensorboard)
         abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         latest_meta = checkpoints.read_meta("latest")
-        epochs_field = f"config.{'teacher.' if job.name == 'teacher' else ''}optim.epochs"
         if latest_meta is None:
             _check_progress_without_checkpoint(log, checkpoints.directory, job.name)
         else:
-            check_resumable(latest_meta, meta, checkpoints.directory, total_steps, epochs_field)
+            check_resumable(latest_meta, meta, checkpoints.directory, total_steps, epochs_field(job))
             state, latest_meta = checkpoints.restore_latest(abstract_state, signature)
         start_step = int(state.step)
         progress_in_epoch = EpochProgress.from_meta((latest_meta or {}).get("epoch_progress"))
