@@ -56,7 +56,7 @@ from benchmark_report import publish  # noqa: E402
 
 from mmard_jax import config as config_lib  # noqa: E402
 from mmard_jax import parallel, train  # noqa: E402
-from mmard_jax.attacks import example_keys, per_example_start  # noqa: E402
+from mmard_jax.attacks import per_example_start  # noqa: E402
 from mmard_jax.host_devices import default_host_devices  # noqa: E402
 from mmard_jax.networks import Network, build_module, inference_logits, init_variables  # noqa: E402
 
@@ -430,6 +430,8 @@ def fresh_variables(module, seed: int, image_shape) -> dict:
 def build_jax_side(config, method: str, image_shape, devices: int) -> JaxSide:
     """The job of ``method`` from the validated run plan, its StepSpec, a fresh state and a random teacher."""
     config.method.name = method
+    if method == "mmard":  # the twin's MMARD: AdaAD + both parts, the heaviest MMARD step (results recorded with it)
+        config.method.mmard_base, config.method.mmard_parts = "adaad", "both"
     plan = config_lib.validate(config, device_count=devices)
     (job_plan,) = plan.students
     teacher_module = build_module(config.teacher.model, NUM_CLASSES, dtype=config.dtype)
@@ -501,10 +503,9 @@ def step_inputs(side: JaxSide, state):
     spec = side.spec
 
     def start(state, images):
-        keys = example_keys(jax.random.fold_in(state.key, state.step), jnp.arange(images.shape[0]))
-        keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-        x = train.augment_images(spec, keys[:, 0], images)
-        return x, per_example_start(keys[:, 1], x, **spec.attack.start), keys[:, 1]
+        augment_keys, attack_keys = train.step_keys(state, jnp.arange(images.shape[0]))
+        x = train.augment_images(spec, augment_keys, images)
+        return x, per_example_start(attack_keys, x, **spec.attack.start), attack_keys
 
     def attack(state, teacher_vars, x, labels, keys):
         teacher_nat = inference_logits(spec.teacher, teacher_vars, x)

@@ -176,6 +176,8 @@ def twin_method(method_cfg) -> TwinMethod:
     name = cfg["name"]
     if name not in SUPPORTED_METHODS or (name == "rslad" and (cfg["mmard_inner"] or cfg["mmard_outer"])):
         raise NotImplementedError(f"the step twin implements {SUPPORTED_METHODS} (plain), not {name!r}")
+    if name == "mmard" and (cfg["mmard_base"], cfg["mmard_parts"]) != ("adaad", "both"):
+        raise NotImplementedError("the step twin implements MMARD as AdaAD + both parts (method.mmard_base/parts)")
     if name == "mmard" and cfg["boundary"] != "kl":
         raise NotImplementedError("the step twin implements MMARD's 'kl' boundary term only")
     return TwinMethod(name, cfg)

@@ -78,15 +78,47 @@ def optim_config(
     )
 
 
+# Fields added after runs were first recorded, with the value that reproduces what those runs computed: a record
+# (checkpoint or study directory) made before a field existed matches a run whose value of it is this one.
+ADDED_FIELDS = {"method.mmard_base": "adaad", "method.mmard_parts": "both"}
+
+
+def _historical_value(field: str):
+    """The value a record without ``field`` implies (ADDED_FIELDS, matched on the field's path suffix)."""
+    for suffix, value in ADDED_FIELDS.items():
+        if field == suffix or field.endswith("." + suffix):
+            return value
+    return None
+
+
+def changed_settings(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every field of two flat setting records that differs, '(absent)' for a
+    missing one; a field added since `old` was recorded (ADDED_FIELDS) counts there as its historical value."""
+    absent = "(absent)"
+    changes = []
+    for field in sorted(set(old) | set(new)):
+        implied = _historical_value(field)
+        before = old.get(field, absent if implied is None else implied)
+        after = new.get(field, absent)
+        if before != after:
+            changes.append((field, before, after))
+    return changes
+
+
 def method_config(name: str) -> ml_collections.ConfigDict:
     """Loss hyperparameters for every method of docs/method.md §2-3 (only the selected method's fields are read)."""
     return ml_collections.ConfigDict(
         {
-            # pgd_at | trades | ard | iad | rslad | adaad | mmard (= adaad + both MMARD parts), or a name added with
+            # pgd_at | trades | ard | iad | rslad | adaad | mmard (= mmard_base + mmard_parts), or a name added with
             # mmard_jax.methods.register_method (docs/extending.md)
             "name": name,
             "mmard_inner": False,  # add MMARD's teacher-guided inner loss to a distillation base (§3.1)
             "mmard_outer": False,  # add MMARD's triangle mutual-information term to a distillation base (§3.2)
+            # what name='mmard' is: this distillation base with these MMARD parts ('inner' | 'outer' | 'both'). IAD with
+            # the outer triangle had the best mean AutoAttack accuracy of the 16 variants of the plug-and-play study
+            # (3 seeds, benchmarks/results/study_plug_and_play.md); until then it was AdaAD with both parts.
+            "mmard_base": "iad",
+            "mmard_parts": "outer",
             # KL reduction of ARD/RSLAD/AdaAD/TRADES/MMARD: 'mean' over B*C (PyTorch KLDivLoss default; ARD/RSLAD/AdaAD
             # CIFAR-10 code), 'batchmean' = sum / B (AdaAD CIFAR-100; TRADES), 'sum'. IAD has its own field below.
             "kl_reduction": "mean",

@@ -2,7 +2,8 @@
 
 The train step reads only the fields of `Method`; it never branches on a method's name. Distillation bases
 ``ard``, ``iad``, ``rslad``, ``adaad`` compose with the two MMARD parts (``mmard_inner``, ``mmard_outer``) in every
-combination; ``mmard`` is AdaAD with both parts on. ``pgd_at`` and ``trades`` train teachers.
+combination; ``mmard`` is the base ``mmard_base`` with the parts ``mmard_parts`` on (mmard_jax.config.method_config
+has the shipped choice). ``pgd_at`` and ``trades`` train teachers.
 
 Design choice (the MMARD abstract is silent; see docs/method.md §3.3): ``mmard_inner`` *replaces* the base's
 inner loss by MMARD's ``KL(p_T(x') ‖ p_S(x')) + γ · D_T`` (attack in inference mode), while ``mmard_outer``
@@ -26,6 +27,7 @@ __all__ = [
     "BUILTIN_METHOD_NAMES",
     "METHOD_NAMES",
     "DISTILLATION_BASES",
+    "MMARD_PARTS",
     "VIEW_NAMES",
     "BoundLoss",
     "Method",
@@ -40,6 +42,7 @@ BUILTIN_METHOD_NAMES = ("adaad", "ard", "iad", "mmard", "pgd_at", "rslad", "trad
 # ``methods.METHOD_NAMES`` at the time of use, not by importing the name once).
 METHOD_NAMES = BUILTIN_METHOD_NAMES
 DISTILLATION_BASES = ("ard", "iad", "rslad", "adaad")
+MMARD_PARTS = {"inner": ("inner",), "outer": ("outer",), "both": ("inner", "outer")}  # method.mmard_parts
 VIEW_NAMES = Views._fields
 KL_REDUCTIONS = ("mean", "batchmean", "sum")
 
@@ -276,14 +279,19 @@ def build_method(cfg: Any, *, axis_name: str | None = None, path: str = "config.
     """
     cfg = cfg if isinstance(cfg, Section) else Section(cfg, path)
     name = _choice(cfg, "name", METHOD_NAMES)
-    add_inner = name == "mmard" or _flag(cfg, "mmard_inner")
-    add_outer = name == "mmard" or _flag(cfg, "mmard_outer")
-    if name in _REGISTERED:
-        method = _registered_method(name, cfg)
-    elif name in ("pgd_at", "trades"):
-        method = _teacher_training_method(name, cfg)
+    if name == "mmard":
+        base = _choice(cfg, "mmard_base", DISTILLATION_BASES)
+        parts = MMARD_PARTS[_choice(cfg, "mmard_parts", tuple(MMARD_PARTS))]
+        add_inner, add_outer = "inner" in parts, "outer" in parts
     else:
-        method = _distillation_method("adaad" if name == "mmard" else name, cfg)
+        base = name
+        add_inner, add_outer = _flag(cfg, "mmard_inner"), _flag(cfg, "mmard_outer")
+    if base in _REGISTERED:
+        method = _registered_method(base, cfg)
+    elif base in ("pgd_at", "trades"):
+        method = _teacher_training_method(base, cfg)
+    else:
+        method = _distillation_method(base, cfg)
     if (add_inner or add_outer) and not method.needs_teacher:
         field = "mmard_inner" if add_inner else "mmard_outer"
         raise ValueError(

@@ -41,7 +41,7 @@ from etils import epath
 from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import config as config_lib
 from mmard_jax import main as entry
-from mmard_jax import parallel, preemption, storage, train
+from mmard_jax import methods, parallel, preemption, storage, train
 from mmard_jax.data import load_dataset
 
 logger = logging.getLogger("mmard_jax.study")
@@ -154,10 +154,13 @@ def variant_name(base: str, parts: tuple[str, ...]) -> str:
     return f"{base}+{'both' if len(parts) == 2 else parts[0]}"
 
 
-def parse_variant(spec: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]:
-    """(base, parts, method overrides) of 'BASE', 'BASE+inner', 'BASE+outer', 'BASE+both' or 'mmard' (AdaAD + both)."""
+def parse_variant(spec: str, method_cfg=None) -> tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]:
+    """(base, parts, method overrides) of 'BASE', 'BASE+inner', 'BASE+outer', 'BASE+both' or 'mmard' (the base and
+    parts named by ``method_cfg.mmard_base`` / ``mmard_parts``; the shipped ones without a config)."""
     if spec == "mmard":
-        return "adaad", ("inner", "outer"), (("method.name", "mmard"),)
+        method_cfg = method_cfg or config_lib.method_config("mmard")
+        parts = methods.MMARD_PARTS.get(method_cfg.mmard_parts, ())
+        return method_cfg.mmard_base, parts, (("method.name", "mmard"),)
     base, _, part = spec.partition("+")
     parts = {"": (), "inner": ("inner",), "outer": ("outer",), "both": ("inner", "outer")}
     if base not in BASES or part not in parts:
@@ -204,11 +207,13 @@ def tiny(seeds: tuple[int, ...]) -> Study:
     return Study("tiny", "variants", teachers, _runs(variants, teachers, seeds))
 
 
-def teacher_ladder(seeds: tuple[int, ...], teachers: tuple[Teacher, ...], ladder_student: str = "mmard") -> Study:
+def teacher_ladder(
+    seeds: tuple[int, ...], teachers: tuple[Teacher, ...], ladder_student: str = "mmard", method_cfg=None
+) -> Study:
     """For each teacher, students by RSLAD, AdaAD and ``ladder_student`` (a variant: 'mmard', 'adaad+outer', ...)."""
     variants = [(m, m, (), _method_overrides(m, ())) for m in LADDER_METHODS]
     if ladder_student not in LADDER_METHODS:
-        variants.append((ladder_student, *parse_variant(ladder_student)))
+        variants.append((ladder_student, *parse_variant(ladder_student, method_cfg)))
     return Study("teacher_ladder", "ladder", teachers, _runs(variants, teachers, seeds))
 
 
@@ -275,7 +280,7 @@ def build_study(name: str, seeds: tuple[int, ...], config, ladder: str = "", lad
         spec = ladder or DEFAULT_LADDERS.get(config.data.source, "")
         if not spec:
             raise StudyError(f"--ladder: no default ladder for data source {config.data.source!r}; give one")
-        return teacher_ladder(seeds, parse_ladder(spec, config), ladder_student)
+        return teacher_ladder(seeds, parse_ladder(spec, config), ladder_student, config.method)
     raise StudyError(f"--study: {name!r} is not one of {', '.join(STUDIES)}")
 
 
@@ -360,12 +365,8 @@ def teacher_settings(config_json: dict) -> dict[str, Any]:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """'field: was X, now Y' for every field whose value differs."""
-    return [
-        f"{k}: was {old.get(k, '(absent)')!r}, now {new.get(k, '(absent)')!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
+    """'field: was X, now Y' for every field whose value differs (config.changed_settings)."""
+    return [f"{k}: was {before!r}, now {after!r}" for k, before, after in config_lib.changed_settings(old, new)]
 
 
 def read_json(path: epath.Path) -> dict | None:
@@ -409,7 +410,7 @@ def check_directory(directory: epath.Path, what: str, identity: dict, current: d
 def is_finished(directory: epath.Path, current: dict, project=student_settings) -> bool:
     """Its results.json exists, is whole, and was computed with the ``current`` settings (``project`` of its config)."""
     results = read_json(directory / RESULTS_FILE)
-    return results is not None and project(results["config"]) == current
+    return results is not None and not config_lib.changed_settings(project(results["config"]), current)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from mmard_jax import checkpoint as ckpt_lib
 from mmard_jax import parallel, preemption, reporting, storage
 from mmard_jax.attacks import PGDSpec, example_keys, per_example_start, pgd
 from mmard_jax.attacks.pgd import platform_unroll
-from mmard_jax.config import JobPlan
+from mmard_jax.config import JobPlan, changed_settings
 from mmard_jax.data import augment, pipeline
 from mmard_jax.methods import Method, Views
 from mmard_jax.networks import Network, abstract_variables, build_module, inference_logits, init_variables
@@ -185,17 +185,24 @@ def outer_objective(params, spec: StepSpec, batch_stats, teacher_vars, x, x_adv,
     return loss, ({**terms, **metrics}, stats)
 
 
+def step_keys(state: TrainState, example_index) -> tuple[jax.Array, jax.Array]:
+    """Per-example (augmentation, attack) keys of the step at ``state``: a function of the step and each example's
+    index in the global batch only, so results do not depend on how the batch is split over devices."""
+    keys = example_keys(jax.random.fold_in(state.key, state.step), example_index)
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    return keys[:, 0], keys[:, 1]
+
+
 def train_step_body(spec: StepSpec, state: TrainState, teacher_vars, images, labels):
     """One optimizer step on this device's slice of the global batch (to be mapped over the 'data' axis)."""
     num_local = images.shape[0]
     global_index = lax.axis_index(spec.axis_name) * num_local + jnp.arange(num_local)  # results independent of devices
-    keys = example_keys(jax.random.fold_in(state.key, state.step), global_index)
-    keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-    x = augment_images(spec, keys[:, 0], images)
+    augment_keys, attack_keys = step_keys(state, global_index)
+    x = augment_images(spec, augment_keys, images)
     epoch = state.step // spec.steps_per_epoch
     needs_teacher_nat = "teacher_nat" in spec.method.inner_views | spec.method.outer_views
     teacher_nat = lax.stop_gradient(inference_logits(spec.teacher, teacher_vars, x)) if needs_teacher_nat else None
-    x_adv = adversarial_examples(spec, state, teacher_vars, x, labels, keys[:, 1], teacher_nat)
+    x_adv = adversarial_examples(spec, state, teacher_vars, x, labels, attack_keys, teacher_nat)
 
     grad_fn = jax.value_and_grad(outer_objective, has_aux=True)
     (loss, (metrics, batch_stats)), grads = grad_fn(
@@ -365,11 +372,9 @@ def check_resumable(saved: dict, current: dict, where, total_steps: int, epochs_
         if saved.get(name) != current[name]
     ]
     if "trajectory" in saved and not differences:
-        old, new = saved["trajectory"], current["trajectory"]
         differences = [
-            f"{name}: checkpoint {old.get(name, '(absent)')!r}, this run {new.get(name, '(absent)')!r}"
-            for name in sorted(set(old) | set(new))
-            if old.get(name) != new.get(name)
+            f"{name}: checkpoint {before!r}, this run {after!r}"
+            for name, before, after in changed_settings(saved["trajectory"], current["trajectory"])
         ]
     if differences:
         raise ckpt_lib.IncompatibleCheckpointError(

@@ -136,6 +136,7 @@ def test_unknown_override_field_is_refused():
 )
 def test_validation_names_the_bad_field(field, value, message):
     config = parse("cifar10.py")
+    config.method.mmard_base, config.method.mmard_parts = "adaad", "both"  # a student method reading every MMARD field
     node = config
     *parents, leaf = field.split(".")
     for part in parents:
@@ -222,3 +223,33 @@ def test_default_host_devices_one_per_core_dividing_every_batch():
     assert "--xla_force_host_platform_device_count=" in env["XLA_FLAGS"] and "xnnpack" in env["XLA_FLAGS"]
     user = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
     assert host_devices.set_default_host_devices([128], user) is None and user["XLA_FLAGS"].endswith("=3")
+
+
+def test_records_made_before_a_field_existed_match_its_historical_value():
+    old = {"config.method.name": "mmard", "config.method.gamma": 1.0}  # recorded before mmard_base / mmard_parts
+    same = {**old, "config.method.mmard_base": "adaad", "config.method.mmard_parts": "both"}
+    assert config_lib.changed_settings(old, same) == []
+    other = {**same, "config.method.mmard_base": "rslad"}
+    assert config_lib.changed_settings(old, other) == [("config.method.mmard_base", "adaad", "rslad")]
+    # Any other field missing on one side is a difference, named with '(absent)'.
+    assert config_lib.changed_settings(old, {**same, "config.method.tau": 2.0}) == [
+        ("config.method.tau", "(absent)", 2.0)
+    ]
+    assert config_lib.changed_settings({**old, "config.seed": 0}, same) == [("config.seed", 0, "(absent)")]
+
+
+def test_a_checkpoint_recorded_before_a_field_existed_resumes_only_with_its_historical_value():
+    from mmard_jax import checkpoint, train
+
+    fixed = {"model": {"name": "cnn"}, "batch_size": 8, "num_train_examples": 64, "seed": 0, "step": 4}
+    saved = {**fixed, "trajectory": {"config.teacher.method.name": "trades"}}
+
+    def resume(**trajectory):
+        current = {**fixed, "trajectory": {"config.teacher.method.name": "trades", **trajectory}}
+        train.check_resumable(saved, current, "runs/x", total_steps=8, epochs_field="teacher.optim.epochs")
+
+    resume(**{"config.teacher.method.mmard_base": "adaad", "config.teacher.method.mmard_parts": "both"})
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpointError, match="mmard_parts: checkpoint 'both', this run 'outer'"
+    ):
+        resume(**{"config.teacher.method.mmard_base": "adaad", "config.teacher.method.mmard_parts": "outer"})

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 from test_losses import np_kl, np_log_softmax  # tests/ is on sys.path
 
-from mmard_jax import losses, methods
+from mmard_jax import methods
 from mmard_jax.config import cifar_config, student_method_config
 from mmard_jax.config import method_config as default_method_config
 from mmard_jax.methods import Views
@@ -47,7 +47,7 @@ def keep_only(views, names):
 
 def test_every_combination_runs_finite_under_jit():
     built = all_methods()
-    assert len({m.name for m in built}) == len(COMBINATIONS) + 2  # 'mmard' is adaad+both parts
+    assert len({m.name for m in built}) == len(COMBINATIONS) + 2  # 'mmard' is one of the combinations (iad+outer)
 
     def run_all(views, epoch):
         results = []
@@ -95,23 +95,35 @@ def test_modes_and_teacher_flags():
     assert build("ard").attack_student_train_mode and build("iad").attack_student_train_mode
     assert not build("ard", mmard_inner=True).attack_student_train_mode  # MMARD attacks in inference mode
     assert build("ard", mmard_outer=True).attack_student_train_mode
-    assert not any(build(n).attack_student_train_mode for n in ("pgd_at", "trades", "rslad", "adaad", "mmard"))
+    assert not any(build(n).attack_student_train_mode for n in ("pgd_at", "trades", "rslad", "adaad"))
+    assert build("mmard").attack_student_train_mode  # IAD's attack, like ARD's; MMARD's inner part is off by default
     assert [n for n in methods.METHOD_NAMES if not build(n).needs_teacher] == ["pgd_at", "trades"]
 
 
-def test_mmard_is_adaad_with_both_parts():
+def test_default_mmard_is_iad_with_the_outer_part():
     mmard = build("mmard")
-    composed = build("adaad", mmard_inner=True, mmard_outer=True)
+    composed = build("iad", mmard_outer=True)
     assert (mmard.inner_loss, mmard.outer_loss, mmard.inner_views, mmard.outer_views) == (
         composed.inner_loss,
         composed.outer_loss,
         composed.inner_views,
         composed.outer_views,
     )
-    views = random_views()
-    np.testing.assert_allclose(
-        mmard.inner_loss(views, LABELS), losses.mmard_inner(views, LABELS, gamma=1.0, boundary="kl"), rtol=1e-6
+    assert mmard.inner_loss == build("iad").inner_loss  # the base's attack, unchanged
+
+
+@pytest.mark.parametrize("base, parts", [("rslad", "outer"), ("ard", "inner"), ("iad", "both"), ("adaad", "outer")])
+def test_mmard_is_its_configured_base_with_its_configured_parts(base, parts):
+    mmard = build("mmard", mmard_base=base, mmard_parts=parts)
+    composed = build(base, mmard_inner=parts in ("inner", "both"), mmard_outer=parts in ("outer", "both"))
+    assert (mmard.inner_loss, mmard.outer_loss, mmard.inner_views, mmard.outer_views) == (
+        composed.inner_loss,
+        composed.outer_loss,
+        composed.inner_views,
+        composed.outer_views,
     )
+    # The plain-base flags are the composition's, not mmard's: they do not switch parts off or on.
+    assert build("mmard", mmard_base=base, mmard_parts=parts, mmard_inner=True, mmard_outer=True) == mmard
 
 
 def test_methods_are_hashable_static_jit_arguments():
@@ -172,8 +184,9 @@ def inner_views_at(method, student, teacher, x, x_adv):
     "name, overrides, through_teacher",
     [
         ("adaad", {}, True),
-        ("mmard", {}, True),
-        ("mmard", {"boundary": "margin", "gamma": 2.0}, True),
+        ("mmard", {"mmard_base": "adaad", "mmard_parts": "both"}, True),
+        ("mmard", {"mmard_parts": "both", "boundary": "margin", "gamma": 2.0}, True),
+        ("mmard", {}, False),  # the default, IAD + outer: IAD's CE attack
         ("rslad", {"mmard_inner": True}, True),
         ("rslad", {}, False),
         ("ard", {}, False),
@@ -227,14 +240,17 @@ def test_iad_extra_term_switches_on_at_warmup():
         ("mmard", "tau_mi", 0.0),
         ("mmard", "mask_same_class", "yes"),
         ("mmard", "teacher_vertex", "clean"),
+        ("mmard", "mmard_base", "trades"),
+        ("mmard", "mmard_parts", "none"),
         ("ard", "mmard_inner", 1),
         ("pgd_at", "mmard_inner", True),
         ("trades", "mmard_outer", True),
     ],
 )
 def test_invalid_config_names_the_field(name, field, value):
+    reads_every_part = {"mmard_base": "adaad", "mmard_parts": "both"} if name == "mmard" else {}
     with pytest.raises(ValueError, match=f"config.method.{field}"):
-        build(name, **{field: value})
+        build(name, **{**reads_every_part, field: value})
 
 
 def test_missing_field_names_the_field():
@@ -253,7 +269,8 @@ def test_missing_field_names_the_field():
         ("iad", {}, "uniform"),
         ("rslad", {}, "normal"),
         ("adaad", {}, "normal"),
-        ("mmard", {}, "normal"),
+        ("mmard", {}, "uniform"),  # default: IAD + outer, IAD's start
+        ("mmard", {"mmard_parts": "both"}, "normal"),
         ("ard", {"mmard_inner": True}, "normal"),  # MMARD's inner loss replaces ARD's, with AdaAD's start
         ("ard", {"mmard_outer": True}, "uniform"),
     ],

@@ -93,13 +93,16 @@ def test_teacher_ladder_grid_and_ladder_spec():
     teacher_cfg = study.teacher_config(config, grid.teachers[0], teacher_seed=7)
     assert teacher_cfg.teacher.model.kwargs.widths == (8, 16) and teacher_cfg.seed == 7
     assert teacher_cfg.teacher.optim.epochs == 2 and tuple(teacher_cfg.teacher.optim.decay_epochs) == ()
-    mmard = study.build_study("teacher_ladder", (0,), config).runs[2]
+    mmard = study.build_study("teacher_ladder", (0,), config).runs[2]  # the config's MMARD: IAD + outer as shipped
     assert (mmard.variant, mmard.base, mmard.parts, dict(mmard.overrides)) == (
         "mmard",
-        "adaad",
-        ("inner", "outer"),
+        "iad",
+        ("outer",),
         {"method.name": "mmard"},
     )
+    config.method.mmard_base, config.method.mmard_parts = "rslad", "both"
+    mmard = study.build_study("teacher_ladder", (0,), config).runs[2]
+    assert (mmard.base, mmard.parts) == ("rslad", ("inner", "outer"))
     # a CIFAR-style rung of another model starts from that model's defaults
     (rung, _) = study.parse_ladder("wrn-34-10@30,base", load_config("cifar10"))
     assert rung.id == "wrn-34-10_e30" and dict(rung.overrides)["teacher.optim.decay_epochs"] == (22, 27)
