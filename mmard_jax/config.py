@@ -91,12 +91,28 @@ def _historical_value(field: str):
     return None
 
 
+# Method fields read only when the section's method is 'mmard' (every other method ignores them).
+MMARD_ONLY_FIELDS = ("mmard_base", "mmard_parts")
+
+
+def _unread_by_both(field: str, old: dict, new: dict) -> bool:
+    """True for an MMARD-only field of a method section that is not 'mmard' in either record."""
+    section, _, leaf = field.rpartition(".")
+    if leaf not in MMARD_ONLY_FIELDS:
+        return False
+    name = f"{section}.name" if section else "name"
+    return old.get(name) != "mmard" and new.get(name) != "mmard"
+
+
 def changed_settings(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(field, old value, new value) of every field of two flat setting records that differs, '(absent)' for a
-    missing one; a field added since `old` was recorded (ADDED_FIELDS) counts there as its historical value."""
+    missing one; a field added since `old` was recorded (ADDED_FIELDS) counts there as its historical value, and
+    MMARD-only fields count only where a record's method is 'mmard'."""
     absent = "(absent)"
     changes = []
     for field in sorted(set(old) | set(new)):
+        if _unread_by_both(field, old, new):
+            continue
         implied = _historical_value(field)
         before = old.get(field, absent if implied is None else implied)
         after = new.get(field, absent)

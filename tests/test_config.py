@@ -231,6 +231,16 @@ def test_records_made_before_a_field_existed_match_its_historical_value():
     assert config_lib.changed_settings(old, same) == []
     other = {**same, "config.method.mmard_base": "rslad"}
     assert config_lib.changed_settings(old, other) == [("config.method.mmard_base", "adaad", "rslad")]
+    # Other methods do not read the MMARD-only fields: a TRADES teacher or an RSLAD student recorded before them
+    # matches whatever the new defaults are.
+    teacher = {"config.teacher.method.name": "trades"}
+    assert config_lib.changed_settings(teacher, {**teacher, "config.teacher.method.mmard_base": "iad"}) == []
+    student = {"method.name": "rslad", "method.mmard_parts": "both"}
+    assert config_lib.changed_settings(student, {**student, "method.mmard_parts": "outer"}) == []
+    assert config_lib.changed_settings(student, {**student, "method.name": "mmard", "method.mmard_parts": "outer"}) == [
+        ("method.mmard_parts", "both", "outer"),
+        ("method.name", "rslad", "mmard"),
+    ]
     # Any other field missing on one side is a difference, named with '(absent)'.
     assert config_lib.changed_settings(old, {**same, "config.method.tau": 2.0}) == [
         ("config.method.tau", "(absent)", 2.0)
@@ -242,14 +252,12 @@ def test_a_checkpoint_recorded_before_a_field_existed_resumes_only_with_its_hist
     from mmard_jax import checkpoint, train
 
     fixed = {"model": {"name": "cnn"}, "batch_size": 8, "num_train_examples": 64, "seed": 0, "step": 4}
-    saved = {**fixed, "trajectory": {"config.teacher.method.name": "trades"}}
+    saved = {**fixed, "trajectory": {"config.method.name": "mmard"}}  # an MMARD run of the AdaAD + both days
 
     def resume(**trajectory):
-        current = {**fixed, "trajectory": {"config.teacher.method.name": "trades", **trajectory}}
-        train.check_resumable(saved, current, "runs/x", total_steps=8, epochs_field="teacher.optim.epochs")
+        current = {**fixed, "trajectory": {"config.method.name": "mmard", **trajectory}}
+        train.check_resumable(saved, current, "runs/x", total_steps=8, epochs_field="optim.epochs")
 
-    resume(**{"config.teacher.method.mmard_base": "adaad", "config.teacher.method.mmard_parts": "both"})
-    with pytest.raises(
-        checkpoint.IncompatibleCheckpointError, match="mmard_parts: checkpoint 'both', this run 'outer'"
-    ):
-        resume(**{"config.teacher.method.mmard_base": "adaad", "config.teacher.method.mmard_parts": "outer"})
+    resume(**{"config.method.mmard_base": "adaad", "config.method.mmard_parts": "both"})
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="mmard_base: checkpoint 'adaad', this run 'iad'"):
+        resume(**{"config.method.mmard_base": "iad", "config.method.mmard_parts": "outer"})
