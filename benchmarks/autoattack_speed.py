@@ -12,15 +12,89 @@ many points stay robust after each attack, so the figure is per 1,000 examples o
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import autoattack_twin as twin  # noqa: E402
-from benchmark_report import publish  # noqa: E402
+from benchmark_report import format_load, load_contention, publish, wait_for_quiet  # noqa: E402
 
 from mmard_jax.attacks.autoattack import run_autoattack  # noqa: E402
+
+
+@contextlib.contextmanager
+def backend_compilations():
+    """(program name, seconds) of every program XLA compiles inside the block (jax.monitoring's events)."""
+    compiled = []
+
+    def listener(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append((kwargs.get("fun_name", "?"), duration_secs))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def compile_summary(compiled: list[tuple[str, float]]) -> list[str]:
+    """One line per program name: how many times it was compiled and for how long in all, longest first."""
+    counts, seconds = collections.Counter(), collections.Counter()
+    for name, secs in compiled:
+        counts[name] += 1
+        seconds[name] += secs
+    return [f"{seconds[name]:7.1f} s  {counts[name]:3d} x  {name}" for name, _ in seconds.most_common()]
+
+
+def median_ms(run, repeats: int = 30) -> float:
+    """Median wall milliseconds of ``run()`` (which must wait for its result), after two warm-up calls."""
+    run(), run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def pass_timings(network, net, images, labels) -> dict[str, tuple[float, float]]:
+    """(ours, reference) milliseconds of a forward pass and of a forward pass plus the input gradient of the summed
+    cross-entropy (what every APGD iteration computes) on the whole batch."""
+    import torch
+
+    apply_fn, variables = network
+    x, y = jnp.asarray(images), jnp.asarray(labels)
+
+    def total_loss(x_):
+        logits = apply_fn(variables, x_)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    forward, gradient = jax.jit(lambda x_: apply_fn(variables, x_)), jax.jit(jax.grad(total_loss))
+    x_torch = twin.to_torch(np.asarray(images)).requires_grad_(True)
+    y_torch = torch.as_tensor(np.asarray(labels)).long()
+
+    def torch_gradient():
+        loss = torch.nn.functional.cross_entropy(net(x_torch), y_torch, reduction="sum")
+        return torch.autograd.grad(loss, x_torch)
+
+    def torch_forward():
+        with torch.no_grad():
+            return net(x_torch)
+
+    return {
+        "forward": (median_ms(lambda: forward(x).block_until_ready()), median_ms(torch_forward)),
+        "forward + input gradient": (median_ms(lambda: gradient(x).block_until_ready()), median_ms(torch_gradient)),
+    }
 
 
 def main() -> None:
@@ -29,12 +103,17 @@ def main() -> None:
     parser.set_defaults(n_examples=100)
     parser.add_argument("--rounds", type=int, default=2, help="alternating reference / ours rounds")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoattack_speed.md"))
+    parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
     args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    wait_for_quiet(cores, args.settle)
+    load_before = os.getloadavg()
 
     network, net, images, labels, _ = twin.setup(args)
     n = len(labels)
     ref_log = args.output.with_suffix(".reference.log")
     timings = {"reference": [], "ours": []}  # (wall s, process CPU s) per round
+    compilations = []  # per round of ours: (program, compile seconds)
     for _ in range(args.rounds):  # alternate, so that a busy spell on the machine hits both
         wall, cpu = time.time(), time.process_time()
         ref_acc, _, _ = twin.run_reference(
@@ -43,9 +122,15 @@ def main() -> None:
         timings["reference"].append((time.time() - wall, time.process_time() - cpu))
         ref_steps = [line for line in ref_log.read_text().splitlines() if "robust accuracy after" in line]
         wall, cpu = time.time(), time.process_time()
-        ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n, log=None)
+        with backend_compilations() as compiled:
+            ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n, log=None)
         timings["ours"].append((time.time() - wall, time.process_time() - cpu))
+        compilations.append(compiled)
     ref_log.unlink()
+    passes = pass_timings(network, net, images, labels)
+    load_after = os.getloadavg()
+    last_wall, last_cpu = timings["ours"][-1]
+    verdict = load_contention(load_before, load_after, last_cpu / max(last_wall, 1e-9), cores)
 
     def row(name: str, rounds: list[tuple[float, float]]) -> str:
         walls = ", ".join(f"{w:.1f}" for w, _ in rounds)
@@ -60,15 +145,38 @@ def main() -> None:
         f"- robust accuracy: reference {ref_acc['square']:.2%}, ours {ours.robust_accuracy:.2%} "
         f"(clean {ours.clean_accuracy:.2%})",
         f"- {args.rounds} rounds, reference and ours alternating; our first round includes XLA "
-        "compilation. The machine is shared: wall times vary between rounds, so the best round counts.",
+        "compilation. Wall times vary between rounds, so the best round counts.",
+        f"- load average before {format_load(load_before)}, after {format_load(load_after)}: "
+        + (verdict + ", so no speed-up is reported" if verdict else "quiet"),
+        f"- our programs compiled per round: {', '.join(str(len(c)) for c in compilations)} "
+        f"({', '.join(f'{sum(s for _, s in c):.1f} s' for c in compilations)} of compile time)",
         "",
         "| run | wall time per round (s) | best wall | best wall per 1,000 ex. | best CPU time per 1,000 ex. |",
         "|---|---|---|---|---|",
         row("reference (PyTorch)", timings["reference"]),
         row("ours, all rounds", timings["ours"]),
         "",
-        f"- speed-up, best reference round / best compiled round of ours: {best_ref / best_ours_warm:.2f}x",
-        f"- speed-up including our compilation (first round): {best_ref / timings['ours'][0][0]:.2f}x",
+        *(
+            []
+            if verdict
+            else [
+                f"- speed-up, best reference round / best compiled round of ours: {best_ref / best_ours_warm:.2f}x",
+                f"- speed-up including our compilation (first round): {best_ref / timings['ours'][0][0]:.2f}x",
+            ]
+        ),
+        "",
+        f"Where the time goes: one pass of the network over the {n} digits (median ms; the gradient is what each APGD",
+        "iteration computes):",
+        "",
+        "| pass | ours | reference | reference / ours |",
+        "|---|---|---|---|",
+        *[f"| {name} | {ours:.1f} | {ref:.1f} | {ref / ours:.2f}x |" for name, (ours, ref) in passes.items()],
+        "",
+        "Programs our first round compiled (compile time, count, name):",
+        "",
+        "```",
+        *compile_summary(compilations[0]),
+        "```",
         "",
         "Cumulative times after each attack (last round), reference:",
         "",

@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_twin  # noqa: E402
-from benchmark_report import publish  # noqa: E402
+from benchmark_report import format_load, load_contention, publish, wait_for_quiet  # noqa: E402
 
 from mmard_jax import config as config_lib  # noqa: E402
 from mmard_jax import parallel, train  # noqa: E402
@@ -261,19 +261,6 @@ def wait_share(rounds: list[Round], cores: int) -> float:
     return sum(r.wait_seconds for r in rounds) / max(sum(sum(r.step_seconds) for r in rounds) * cores, 1e-9)
 
 
-def load_threshold(cores: int) -> float:
-    """The 1-minute load that other processes may put on a machine whose ``cores`` this benchmark uses."""
-    return (os.cpu_count() or cores) - cores + 0.5
-
-
-def wait_for_quiet(cores: int, limit: float) -> None:
-    """Waits (at most ``limit`` seconds) until the 1-minute load falls to `load_threshold`: a run started right after
-    another one (or a build) would otherwise be refused for that one's load, which takes minutes to decay."""
-    deadline = time.monotonic() + limit
-    while os.getloadavg()[0] > load_threshold(cores) and time.monotonic() < deadline:
-        time.sleep(5)
-
-
 def recent_busy_cores(rounds: list[Round], window: float = 60.0) -> float:
     """Cores this process kept busy over the rounds that ended in the last ``window`` seconds of the run (what the
     1-minute load average at its end mostly saw of it)."""
@@ -293,14 +280,9 @@ def contention(load_before, load_after, own_after: float, rounds: dict[str, list
     (eager Python between kernels, serial ops) has a low CPU share on a quiet machine, and a side that runs more
     threads than cores (2 host devices on 2 cores) waits on the run queue behind its own threads.
     """
-    threshold = load_threshold(cores)
-    if load_before[0] > threshold:
-        return f"contended: 1-minute load before {load_before[0]:.2f} > {threshold:.1f} (CPUs - pinned cores + 0.5)"
-    if load_after[0] - own_after > threshold:
-        return (
-            f"contended: 1-minute load after {load_after[0]:.2f} minus this process's {own_after:.2f} busy cores "
-            f"= {load_after[0] - own_after:.2f} > {threshold:.1f}"
-        )
+    verdict = load_contention(load_before, load_after, own_after, cores)
+    if verdict:
+        return verdict
     for side, side_rounds in rounds.items():
         share, waited = busy_cores(side_rounds) / cores, wait_share(side_rounds, cores)
         if waited > 0.1 and share < 0.9:
@@ -308,10 +290,6 @@ def contention(load_before, load_after, own_after: float, rounds: dict[str, list
                 f"contended: during the {side} rounds the process got {share:.0%} of its cores and waited {waited:.0%}"
             )
     return None
-
-
-def format_load(load) -> str:
-    return " / ".join(f"{value:.2f}" for value in load) + " (1 / 5 / 15 min)"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ depend on the device count (tests/test_train.py), and the flag only shapes the C
 
 Not the default: in a study run on 2 cores with 2 host devices, an all-gather inside AutoAttack's host-driven APGD-T
 loop once waited 40 s for the second device and XLA:CPU aborted the process (rendezvous termination timeout), after 10
-runs that went through. Until that is understood, one device stays the default.
+runs that went through. That all-gather (from writing APGD's loss history) is gone: the attacks' state is split over
+the devices like the batch, and an APGD iteration compiles without any collective (tests/test_autoattack.py). One
+device stays the default until a long 2-device run confirms that this was the cause.
 
 This module must not import JAX: the count is fixed by ``XLA_FLAGS`` before JAX's backends start.
 """

@@ -283,6 +283,7 @@ def build_method(cfg: Any, *, axis_name: str | None = None, path: str = "config.
         base = _choice(cfg, "mmard_base", DISTILLATION_BASES)
         parts = MMARD_PARTS[_choice(cfg, "mmard_parts", tuple(MMARD_PARTS))]
         add_inner, add_outer = "inner" in parts, "outer" in parts
+        _real(cfg, "gamma"), _choice(cfg, "boundary", losses.BOUNDARY_TERMS)  # checked even when the inner part is off
     else:
         base = name
         add_inner, add_outer = _flag(cfg, "mmard_inner"), _flag(cfg, "mmard_outer")

@@ -162,7 +162,7 @@ def parse_variant(spec: str, method_cfg=None) -> tuple[str, tuple[str, ...], tup
         parts = methods.MMARD_PARTS.get(method_cfg.mmard_parts, ())
         return method_cfg.mmard_base, parts, (("method.name", "mmard"),)
     base, _, part = spec.partition("+")
-    parts = {"": (), "inner": ("inner",), "outer": ("outer",), "both": ("inner", "outer")}
+    parts = {"": (), **methods.MMARD_PARTS}
     if base not in BASES or part not in parts:
         raise StudyError(
             f"--ladder_student: {spec!r} is not a variant; use 'mmard' or BASE[+inner|+outer|+both] with BASE one of "

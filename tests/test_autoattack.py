@@ -6,6 +6,8 @@ iteration counts passed as parameters. A model is a pair (apply_fn, variables), 
 
 import contextlib
 import functools
+import importlib
+import re
 
 import flax.linen as nn
 import jax
@@ -16,7 +18,7 @@ import pytest
 from scipy.optimize import linprog
 from sklearn.datasets import load_digits
 
-from mmard_jax import networks
+from mmard_jax import networks, parallel
 from mmard_jax.attacks.autoattack import (
     apgd,
     apgd_checkpoints,
@@ -31,9 +33,12 @@ from mmard_jax.attacks.autoattack import (
     targeted_dlr_loss,
     verify_adversarial,
 )
+from mmard_jax.attacks.autoattack import common as common_module
 from mmard_jax.attacks.autoattack import runner as runner_module
 from mmard_jax.attacks.autoattack import square as square_module
 from mmard_jax.losses import margin
+
+apgd_module = importlib.import_module("mmard_jax.attacks.autoattack.apgd")  # the package's `apgd` is the function
 
 EPS = 0.1
 DEVICE_LOOP = dict(loop="device")  # for an MLP the rolled lax loops beat one dispatch per iteration
@@ -515,3 +520,74 @@ def test_a_second_network_of_the_same_architecture_compiles_nothing(digits, mode
     assert not np.array_equal(first.adversarial, second.adversarial)
     predictions = np.argmax(np.asarray(_mlp(other["params"], jnp.asarray(second.adversarial))), -1)
     np.testing.assert_array_equal(second.robust_mask, predictions == labels)  # the second network's own result
+
+
+# Every program an AutoAttack run may compile: one per attack stage, none op by op (a stray jnp call outside them
+# compiles a program of its own, and on CPU compilation is most of a first run's time).
+ATTACK_PROGRAMS = {
+    "_classify",
+    "example_keys",
+    "fold_keys",
+    "_apgd_start",
+    "_apgd_finish",
+    "_one_step",
+    "_holds",
+    "_device_fori",
+    "_device_while",
+    "_fab_start",
+    "_fab_finish",
+    "_square_start",
+    "_square_finish",
+    "_valid_adversarial",
+    "_identity",  # common.compiler_options probes XLA once per process
+    "_attack_keys",
+    "stage",  # placing the weights on the devices
+}
+
+
+def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set):
+    """With one batch shape (8 rows on the 8 test devices), a standard run with the CPU's default loops compiles each
+    attack stage once: APGD's start evaluates inside its step, so the forward and backward pass compile once per loss
+    (APGD-CE, APGD-T) and once for FAB-T's step."""
+    images, labels = eval_set[0][:8], eval_set[1][:8]
+    budgets = dict(
+        apgd_ce=dict(n_iter=4), apgd_t=dict(n_iter=4, n_target_classes=2), fab_t=dict(n_iter=4, n_target_classes=2)
+    )
+    jax.clear_caches()
+    with _backend_compilations() as compiled:
+        result = run_autoattack(
+            *model, images, labels, eps=0.05, batch_size=8, log=None, square=dict(n_queries=20), **budgets
+        )
+    assert all(accuracy > 0 for accuracy in result.per_attack.values())  # every attack ran on some rows
+    names = [name.removeprefix("jit(").removesuffix(")") for name in compiled]
+    assert set(names) <= ATTACK_PROGRAMS, sorted(set(names) - ATTACK_PROGRAMS)
+    counts = {name: names.count(name) for name in set(names)}
+    assert counts.pop("_one_step") == 3  # APGD-CE, APGD-T, FAB-T
+    assert counts.pop("_apgd_start") == 2  # the CE and the targeted loss
+    assert all(count == 1 for count in counts.values()), counts
+
+
+def _apgd_step_hlo(model, eval_set, state_sharding):
+    """The compiled HLO of one host-driven APGD-CE iteration on a batch of 16 split over the 8 test devices, its state
+    made by the start program with `state_sharding` (the runner's: the batch's own)."""
+    sharding = parallel.batch_sharded(parallel.make_mesh())
+    x, y = (jax.device_put(a[:16], sharding) for a in eval_set)
+    batch = common_module.prepare_batch(model[0], model[1], x, y, EPS, "linf")
+    settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
+    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
+    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
+    targets, _, state = apgd_module._apgd_start(settings, state_sharding(batch.images), x, y, *args)
+    consts = (batch.variables, x, y, targets, batch.eps)
+    step = apgd_module._ApgdStep(model[0], settings)
+    return common_module._one_step.lower(step, consts, np.int32(3), state).compile().as_text()
+
+
+COLLECTIVE = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
+
+
+def test_an_apgd_iteration_split_over_devices_runs_without_collectives(model, eval_set):
+    """Each device iterates on its own rows: no device waits for another inside the host-driven loop (an all-gather
+    there, from writing the loss history, once stalled and aborted a 2-device XLA:CPU run)."""
+    assert not COLLECTIVE.search(_apgd_step_hlo(model, eval_set, common_module.batch_sharding))
+    # the check can fail: a state left to XLA's choice of layout makes the same step gather the loss history
+    assert COLLECTIVE.search(_apgd_step_hlo(model, eval_set, lambda images: None))

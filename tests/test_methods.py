@@ -253,6 +253,13 @@ def test_invalid_config_names_the_field(name, field, value):
         build(name, **{**reads_every_part, field: value})
 
 
+@pytest.mark.parametrize("field, value", [("gamma", -1.0), ("boundary", "l2")])
+def test_mmard_checks_its_inner_fields_even_with_the_inner_part_off(field, value):
+    """A user who sets gamma or boundary for MMARD learns it is wrong even when mmard_parts leaves the term out."""
+    with pytest.raises(ValueError, match=f"config.method.{field}"):
+        build("mmard", mmard_parts="outer", **{field: value})
+
+
 def test_missing_field_names_the_field():
     cfg = default_method_config("rslad")
     del cfg["rslad_adv_weight"]

@@ -8,7 +8,6 @@ Sec. 4 (DLR losses). Every constant is a named parameter whose default is the re
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,12 @@ from mmard_jax.attacks.autoattack import losses
 from mmard_jax.attacks.autoattack.common import (
     N_TARGET_CLASSES,
     AttackOutput,
+    along_batch,
+    batch_sharding,
     check_target_ranks,
+    jit,
+    jitted_example_keys,
+    jitted_fold_keys,
     merge_success,
     prepare_batch,
     resolve_target_ranks,
@@ -28,8 +32,6 @@ from mmard_jax.attacks.autoattack.common import (
 from mmard_jax.attacks.common import (
     ApplyFn,
     ascent_direction,
-    example_keys,
-    fold_keys,
     per_example,
     per_example_start,
     predicted_correctly,
@@ -102,32 +104,41 @@ def _checkpoint_tables(settings: _Settings):
     return jnp.asarray(is_checkpoint), jnp.asarray(window_at)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "settings"))
-def _apgd_init(apply_fn: ApplyFn, settings: _Settings, consts, keys):
-    """State after the random start on the eps-sphere (reference: before the first iteration)."""
-    variables, x, labels, targets, eps = consts
+@jit(static_argnames=("settings", "sharding"))
+def _apgd_start(settings: _Settings, sharding, x, labels, clean_logits, rank, keys, eps, attack_mask, found_fooled):
+    """(targets, rows attacked, state before the first call of `_ApgdStep`): the random start on the eps-sphere
+    in x_adv, the initial step size, an empty loss history and placeholders that the first call overwrites, split
+    over the devices like the batch (common.batch_sharding). targets: the classes ranked `rank` by the clean logits
+    for the targeted loss, else the labels (unused)."""
+    targets = losses.ranked_class(clean_logits, rank) if settings.loss == "dlr-targeted" else labels
+    attacked = attack_mask & ~found_fooled
     x_adv = per_example_start(keys, x, eps=eps, init="sphere", norm=settings.norm)
-    loss, logits, grad = _loss_value_and_grad(apply_fn, variables, settings.loss, x_adv, labels, targets)
     batch = x.shape[0]
-    return dict(
+    unset = jnp.zeros((batch,), x.dtype)
+    state = dict(
         x_adv=x_adv,
         x_adv_old=x_adv,
-        grad=grad,
+        grad=jnp.zeros_like(x),
         x_best=x_adv,
-        grad_best=grad,
-        loss_best=loss,
+        grad_best=jnp.zeros_like(x),
+        loss_best=unset,
         x_best_adv=x_adv,
-        robust=predicted_correctly(logits, labels),
+        robust=jnp.ones((batch,), bool),
         step_size=jnp.full((batch,), settings.step_size_factor, x.dtype) * eps,
         loss_steps=jnp.zeros((settings.n_iter, batch), x.dtype),
-        loss_best_last_check=loss,
+        loss_best_last_check=unset,
         reduced_last_check=jnp.ones((batch,), bool),
     )
+    state = {name: along_batch(value, sharding, axis=1 if name == "loss_steps" else 0) for name, value in state.items()}
+    return targets, attacked, state
 
 
 @dataclasses.dataclass(frozen=True)
 class _ApgdStep:
-    """Iteration i of Alg. 1: momentum step, best-point bookkeeping, step-size check at checkpoints."""
+    """Iteration i of Alg. 1: momentum step, best-point bookkeeping, step-size check at checkpoints.
+
+    i = -1 evaluates the random start st["x_adv"] instead and returns the state the reference has before its first
+    iteration: the same program serves both, so the forward and backward pass compile once per attack and shape."""
 
     apply_fn: ApplyFn
     settings: _Settings
@@ -136,11 +147,13 @@ class _ApgdStep:
         s = self.settings
         variables, x, labels, targets, eps = consts
         is_checkpoint, window_at = _checkpoint_tables(s)
+        starting = i < 0
         direction = ascent_direction(st["grad"], s.norm)
         a = jnp.where(i > 0, s.momentum, 1.0)
         x_cur = st["x_adv"]
         z = project(x_cur + per_example(st["step_size"], x) * direction, x, eps, s.norm)
         x_new = project(x_cur + (z - x_cur) * a + (x_cur - st["x_adv_old"]) * (1 - a), x, eps, s.norm)
+        x_new = jnp.where(starting, x_cur, x_new)
 
         loss, logits, grad = _loss_value_and_grad(self.apply_fn, variables, s.loss, x_new, labels, targets)
         correct = predicted_correctly(logits, labels)
@@ -156,7 +169,21 @@ class _ApgdStep:
         stalled = ~st["reduced_last_check"] & (st["loss_best_last_check"] >= loss_best)
         check = is_checkpoint[i]
         halve = check & (oscillating | stalled)
-        return dict(
+        started = dict(
+            x_adv=x_new,
+            x_adv_old=x_new,
+            grad=grad,
+            x_best=x_new,
+            grad_best=grad,
+            loss_best=loss,
+            x_best_adv=x_new,
+            robust=correct,
+            step_size=st["step_size"],
+            loss_steps=st["loss_steps"],
+            loss_best_last_check=loss,
+            reduced_last_check=jnp.ones_like(st["reduced_last_check"]),
+        )
+        stepped = dict(
             x_adv=jnp.where(per_example(halve, x), x_best, x_new),
             x_adv_old=x_cur,
             grad=jnp.where(per_example(halve, x), grad_best, grad),
@@ -170,38 +197,36 @@ class _ApgdStep:
             loss_best_last_check=jnp.where(check, loss_best, st["loss_best_last_check"]),
             reduced_last_check=jnp.where(check, halve, st["reduced_last_check"]),
         )
+        return {name: jnp.where(starting, started[name], stepped[name]) for name in stepped}
 
 
-def _apgd_single_run(
-    apply_fn: ApplyFn, settings: _Settings, variables, x, labels, targets, keys, eps, attack_mask, host: bool
-) -> AttackOutput:
-    """One APGD run (reference `attack_single_run`) over a fixed-shape batch."""
-    consts = (variables, x, labels, targets, eps)
-    state = _apgd_init(apply_fn, settings, consts, keys)
-    state = run_fori(_ApgdStep(apply_fn, settings), settings.n_iter, consts, state, host)
-    fooled = attack_mask & ~state["robust"]
-    return AttackOutput(jnp.where(per_example(fooled, x), state["x_best_adv"], x), fooled)
+@jit
+def _apgd_finish(x, robust, x_best_adv, attacked, found: AttackOutput) -> AttackOutput:
+    """The run's successes (attacked rows misclassified at some iterate) merged into `found`."""
+    fooled = attacked & ~robust
+    return merge_success(found, AttackOutput(jnp.where(per_example(fooled, x), x_best_adv, x), fooled), attacked)
 
 
-def _apgd_restarts(
-    apply_fn, settings, batch, targets, keys, n_restarts, found: AttackOutput, host: bool
-) -> AttackOutput:
-    """Reference `perturb`: each restart attacks only the rows of `batch` not fooled yet."""
+def _apgd_restarts(apply_fn, settings, batch, rank: int, keys, n_restarts, found: AttackOutput, host: bool):
+    """Reference `perturb`: each restart (reference `attack_single_run`, over a fixed-shape batch) attacks only the
+    rows of `batch` not fooled yet. rank: the target's rank for the targeted loss (else unused)."""
+    step = _ApgdStep(apply_fn, settings)
     for restart in range(n_restarts):
-        attacked = batch.attack_mask & ~found.fooled
-        new = _apgd_single_run(
-            apply_fn,
+        targets, attacked, state = _apgd_start(
             settings,
-            batch.variables,
+            batch_sharding(batch.images),
             batch.images,
             batch.labels,
-            targets,
-            fold_keys(keys, restart),
+            batch.clean_logits,
+            rank,
+            jitted_fold_keys(keys, restart),
             batch.eps,
-            attacked,
-            host,
+            batch.attack_mask,
+            found.fooled,
         )
-        found = merge_success(found, new, attacked)
+        consts = (batch.variables, batch.images, batch.labels, targets, batch.eps)
+        state = run_fori(step, settings.n_iter, consts, state, host, start=-1)
+        found = _apgd_finish(batch.images, state["robust"], state["x_best_adv"], attacked, found)
     return found
 
 
@@ -257,8 +282,8 @@ def apgd(
         apply_fn,
         settings,
         batch,
-        batch.labels,
-        example_keys(key, batch.ids),
+        0,
+        jitted_example_keys(key, batch.ids),
         n_restarts,
         batch.found,
         use_host_loop(loop),
@@ -307,8 +332,7 @@ def apgd_targeted(
         step_size_factor,
         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap, checkpoint_gap_decrement),
     )
-    keys, host, found = example_keys(key, batch.ids), use_host_loop(loop), batch.found
+    keys, host, found = jitted_example_keys(key, batch.ids), use_host_loop(loop), batch.found
     for rank in ranks:
-        targets = losses.ranked_class(batch.clean_logits, rank)
-        found = _apgd_restarts(apply_fn, settings, batch, targets, fold_keys(keys, rank), n_restarts, found, host)
+        found = _apgd_restarts(apply_fn, settings, batch, rank, jitted_fold_keys(keys, rank), n_restarts, found, host)
     return found

@@ -1,6 +1,12 @@
-"""Pieces shared by the AutoAttack attacks: outputs, batch preparation, target ranks, iteration drivers.
+"""Pieces shared by the AutoAttack attacks: compilation, outputs, batch preparation, target ranks, iteration drivers.
 
 The attack vocabulary (norms, projection, starts, per-example keys) lives in `mmard_jax.attacks.common`.
+
+Compilation is the larger part of a first AutoAttack run on CPU, so every operation of an attack runs inside one of
+a few jitted programs (none op by op), each compiled once per architecture (``apply_fn``), batch shape and settings:
+the classification of the clean batch, per-example keys, and per attack a start, a step (APGD's first call of its
+step evaluates the start, so no separate program repeats the forward and backward pass) and a finish that merges
+the new successes.
 """
 
 from __future__ import annotations
@@ -11,18 +17,80 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmard_jax.attacks.common import (
     ApplyFn,
     check_apply_fn,
     check_non_negative,
     check_norm,
-    logits_of,
+    example_keys,
+    fold_keys,
     per_example,
     predicted_correctly,
 )
 
 N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the classes ranked 2..10
+
+# ----------------------------------------------------------------------------- compilation
+# XLA:CPU compiles the attacks' programs in about 60% of the time with its classic elemental emitters as with its
+# newer MLIR fusion emitters, and they run as fast. The numbers are the same: checked bit for bit on whole AutoAttack
+# runs (L-inf and L2, one and two devices) and on the elementwise functions networks use (exp, log, tanh, erf, ...).
+CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
+
+
+def _identity(x):
+    return x
+
+
+@functools.cache
+def compiler_options() -> dict | None:
+    """The XLA options of the attacks' programs: CPU_COMPILER_OPTIONS on CPU (when this XLA knows them), else None."""
+    if jax.default_backend() != "cpu":
+        return None
+    options = dict(CPU_COMPILER_OPTIONS)
+    try:  # a tiny program: an XLA without these options refuses them
+        jax.jit(_identity, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return options
+
+
+class _Jit:
+    """``jax.jit(fun, static_argnames=...)`` with `compiler_options()`, built at the first call: the backend is
+    only looked at then (importing this module must not start JAX's backends, e.g. before jax.distributed)."""
+
+    def __init__(self, fun, static_argnames: tuple[str, ...]):
+        self._fun, self._static_argnames, self._jitted = fun, static_argnames, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(
+                self._fun, static_argnames=self._static_argnames, compiler_options=compiler_options()
+            )
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """The program for these arguments, as `jax.jit(...).lower` gives it (e.g. to read its compiled HLO)."""
+        return self._get().lower(*args, **kwargs)
+
+
+def jit(fun=None, *, static_argnames=()):
+    """Decorator: `jax.jit` for the attacks' programs (see `compiler_options`)."""
+    if fun is None:
+        return functools.partial(jit, static_argnames=static_argnames)
+    return _Jit(fun, tuple(static_argnames))
+
+
+# Per-example keys (example index folded into the attack's key) and their derivations (a target rank, a restart):
+# one small program per batch shape, shared by every attack.
+jitted_example_keys = jit(example_keys)
+jitted_fold_keys = jit(fold_keys)
 
 
 class AttackOutput(NamedTuple):
@@ -39,13 +107,39 @@ def check_eps(eps) -> float:
     return float(eps)
 
 
+def as_array(x, dtype) -> jax.Array:
+    """x as a jax.Array of `dtype`; an array that already is one is returned as it is (no conversion program)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return jnp.asarray(np.asarray(x, dtype))
+
+
 def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Array, jax.Array]:
     n = images.shape[0]
-    ids = jnp.arange(n, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
-    mask = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
+    ids = as_array(np.arange(n, dtype=np.int32) if example_ids is None else example_ids, jnp.int32)
+    mask = as_array(np.ones((n,), bool) if active is None else active, jnp.bool_)
     if ids.shape != (n,) or mask.shape != (n,):
         raise ValueError(f"example_ids and active must have shape ({n},), got {ids.shape} and {mask.shape}")
     return ids, mask
+
+
+def batch_sharding(x) -> NamedSharding | None:
+    """x's sharding when a mesh splits its batch axis (as the runner places batches), else None. A static argument
+    of the start programs, which constrain the state they create to it (`along_batch`): the step then sees the
+    shardings of its own outputs already at its first call, and compiles once, not twice."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) > 0 and sharding.spec[0] is not None:
+        return sharding
+    return None
+
+
+def along_batch(a: jax.Array, sharding: NamedSharding | None, axis: int = 0) -> jax.Array:
+    """Inside a jitted program: `a` split along `axis` as `sharding` splits the batch (unchanged for None)."""
+    if sharding is None:
+        return a
+    spec = [None] * a.ndim
+    spec[axis] = sharding.spec[0]
+    return jax.lax.with_sharding_constraint(a, NamedSharding(sharding.mesh, P(*spec)))
 
 
 class Batch(NamedTuple):
@@ -63,26 +157,37 @@ class Batch(NamedTuple):
     found: AttackOutput
 
 
+@jit(static_argnames=("apply_fn",))
+def _classify(apply_fn: ApplyFn, variables, images, labels, mask):
+    """(clean logits, mask & correct, mask & ~correct): one program per architecture and batch shape."""
+    clean_logits = apply_fn(variables, images)
+    correct = predicted_correctly(clean_logits, labels)
+    return clean_logits, mask & correct, mask & ~correct
+
+
+def classified_correctly(apply_fn: ApplyFn, variables, images, labels, mask) -> jax.Array:
+    """bool [B]: mask & (the prediction is the label), by the program that `prepare_batch` runs."""
+    return _classify(apply_fn, variables, images, labels, mask)[1]
+
+
 def prepare_batch(
     apply_fn: ApplyFn, variables, images, labels, eps: float, norm: str, example_ids=None, active=None
 ) -> Batch:
     """Check the arguments shared by every attack and classify the clean inputs once."""
     check_apply_fn(apply_fn)
     check_norm(norm)
-    eps = jnp.float32(check_eps(eps))
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
+    eps = np.float32(check_eps(eps))  # a host scalar: no conversion program
+    images = as_array(images, jnp.float32)
+    labels = as_array(labels, jnp.int32)
     ids, mask = default_ids_and_mask(images, example_ids, active)
     variables = jax.tree.map(jnp.asarray, variables)  # moved to the device once, not at every iteration
-    clean_logits = logits_of(apply_fn, variables, images)
-    correct = predicted_correctly(clean_logits, labels)
-    return Batch(
-        variables, images, labels, ids, eps, clean_logits, mask & correct, AttackOutput(images, mask & ~correct)
-    )
+    clean_logits, attack_mask, fooled = _classify(apply_fn, variables, images, labels, mask)
+    return Batch(variables, images, labels, ids, eps, clean_logits, attack_mask, AttackOutput(images, fooled))
 
 
 def merge_success(best: AttackOutput, new: AttackOutput, attacked: jax.Array) -> AttackOutput:
-    """Keep the first success: rows attacked in this round and fooled now take the new example."""
+    """Keep the first success: rows attacked in this round and fooled now take the new example (traced inside
+    each attack's finishing program)."""
     take = attacked & new.fooled & ~best.fooled
     adversarial = jnp.where(per_example(take, best.adversarial), new.adversarial, best.adversarial)
     return AttackOutput(adversarial, best.fooled | take)
@@ -122,22 +227,22 @@ def use_host_loop(loop: str, host_on_cpu: bool = True) -> bool:
     return loop == "host"
 
 
-@functools.partial(jax.jit, static_argnames=("step",))
+@jit(static_argnames=("step",))
 def _one_step(step, consts, i, state):
     return step(consts, i, state)
 
 
-@functools.partial(jax.jit, static_argnames=("condition",))
+@jit(static_argnames=("condition",))
 def _holds(condition, consts, state):
     return condition(consts, state)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "n"))
-def _device_fori(step, n, consts, state):
-    return jax.lax.fori_loop(0, n, lambda i, st: step(consts, i, st), state)
+@jit(static_argnames=("step", "start", "n"))
+def _device_fori(step, start, n, consts, state):
+    return jax.lax.fori_loop(start, n, lambda i, st: step(consts, i, st), state)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "condition", "n"))
+@jit(static_argnames=("step", "condition", "n"))
 def _device_while(step, condition, n, consts, state):
     def keep_going(carry):
         i, st = carry
@@ -150,11 +255,12 @@ def _device_while(step, condition, n, consts, state):
     return jax.lax.while_loop(keep_going, advance, (jnp.int32(0), state))[1]
 
 
-def run_fori(step, n: int, consts, state, host: bool):
-    """state = step(consts, i, state) for i in 0 .. n - 1. `step` must be hashable (a frozen dataclass)."""
+def run_fori(step, n: int, consts, state, host: bool, start: int = 0):
+    """state = step(consts, i, state) for i in start .. n - 1 (one program either way: the host loop calls the
+    same jitted step at every i). `step` must be hashable (a frozen dataclass)."""
     if not host:
-        return _device_fori(step, n, consts, state)
-    for i in range(n):
+        return _device_fori(step, start, n, consts, state)
+    for i in range(start, n):
         state = _one_step(step, consts, np.int32(i), state)
     return state
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 
@@ -21,10 +20,17 @@ from jax.sharding import Mesh
 
 from mmard_jax import parallel
 from mmard_jax.attacks.autoattack.apgd import apgd, apgd_targeted
-from mmard_jax.attacks.autoattack.common import N_TARGET_CLASSES, AttackOutput, check_eps, resolve_target_ranks
+from mmard_jax.attacks.autoattack.common import (
+    N_TARGET_CLASSES,
+    AttackOutput,
+    check_eps,
+    classified_correctly,
+    jit,
+    resolve_target_ranks,
+)
 from mmard_jax.attacks.autoattack.fab import fab_targeted
 from mmard_jax.attacks.autoattack.square import square_attack
-from mmard_jax.attacks.common import ApplyFn, check_apply_fn, check_norm, logits_of, lp_norm, predicted_correctly
+from mmard_jax.attacks.common import ApplyFn, check_apply_fn, check_norm, lp_norm, predicted_correctly
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # reference set_version('standard')
 RECHECK_TOLERANCE = 1e-6  # slack on ||x_adv - x|| <= eps for float32 rounding
@@ -73,7 +79,14 @@ def _override_name(attack: str) -> str:
     return attack.replace("-", "_")
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
+@jit
+def _attack_keys(seed) -> list[jax.Array]:
+    """The key of each attack in STANDARD_ATTACKS: the seed's key with the attack's index folded in (one program)."""
+    root = jax.random.key(seed)
+    return [jax.random.fold_in(root, index) for index in range(len(STANDARD_ATTACKS))]
+
+
+@jit(static_argnames=("apply_fn", "norm"))
 def _valid_adversarial(apply_fn: ApplyFn, norm: str, variables, images, adversarial, labels, eps, tolerance):
     in_ball = lp_norm(adversarial - images, norm) <= eps + tolerance
     axes = tuple(range(1, images.ndim))
@@ -233,18 +246,18 @@ def run_autoattack(
     n = images_np.shape[0]
     robust = np.zeros(n, bool)
     for rows in batches.split(np.arange(n)):
-        (x, y), _, _ = batches.place(rows, images_np, labels_np)
-        robust[rows] = np.asarray(predicted_correctly(logits_of(apply_fn, variables, x), y))[: rows.size]
+        (x, y), _, active = batches.place(rows, images_np, labels_np)
+        robust[rows] = np.asarray(classified_correctly(apply_fn, variables, x, y, active))[: rows.size]
     clean_accuracy = float(robust.mean())
     emit(f"initial accuracy: {clean_accuracy:.2%}")
 
     adversarial = images_np.copy()
     per_attack: dict[str, float] = collections.OrderedDict()
     recheck_failures = 0
-    root = jax.random.key(seed)
+    attack_keys = _attack_keys(np.int64(seed))  # as jax.random.key(seed) takes it
     start = time.time()
     for attack in plan:
-        key = jax.random.fold_in(root, STANDARD_ATTACKS.index(attack))
+        key = attack_keys[STANDARD_ATTACKS.index(attack)]
         for label, kwargs in _passes(attack, settings[attack]):
             chunks = batches.split(np.flatnonzero(robust))
             if progress:
@@ -265,8 +278,8 @@ def run_autoattack(
                         x,
                         out.adversarial,
                         y,
-                        jnp.float32(eps),
-                        jnp.float32(RECHECK_TOLERANCE),
+                        np.float32(eps),
+                        np.float32(RECHECK_TOLERANCE),
                     )
                 )
                 accepted = claimed & valid[: rows.size]

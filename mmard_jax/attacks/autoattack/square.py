@@ -12,18 +12,25 @@ as old direction + a fresh tile, so the perturbation keeps norm eps). AutoAttack
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmard_jax.attacks.autoattack.common import AttackOutput, merge_success, prepare_batch, run_while, use_host_loop
+from mmard_jax.attacks.autoattack.common import (
+    AttackOutput,
+    jit,
+    jitted_example_keys,
+    jitted_fold_keys,
+    merge_success,
+    prepare_batch,
+    run_while,
+    use_host_loop,
+)
 from mmard_jax.attacks.common import (
     NORMALIZE_EPS,
     ApplyFn,
-    example_keys,
     fold_keys,
     per_example,
     predicted_correctly,
@@ -201,12 +208,13 @@ def _l2_init(key, x, eps):
     return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "norm"))
-def _square_init(apply_fn: ApplyFn, norm: str, variables, x, labels, keys, eps):
+@jit(static_argnames=("apply_fn", "norm"))
+def _square_start(apply_fn: ApplyFn, norm: str, variables, x, labels, keys, eps, attack_mask, found_fooled):
+    """(rows attacked, state): the initial perturbation (Alg. 2 / Alg. 3) and its margin."""
     init = _linf_init if norm == "linf" else _l2_init
     x_best = jax.vmap(init, in_axes=(0, 0, None))(keys, x, eps)
     margin_min = margin(apply_fn(variables, x_best), labels)
-    return x_best, margin_min, margin_min
+    return attack_mask & ~found_fooled, (x_best, margin_min, margin_min)
 
 
 def _left_to_fool(attack_mask, margin_min):
@@ -262,24 +270,27 @@ class _SquareStep:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attack_mask):
-    fooled = attack_mask & ~predicted_correctly(apply_fn(variables, x_best), labels)
-    return AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled)
+@jit(static_argnames=("apply_fn",))
+def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attacked, found: AttackOutput) -> AttackOutput:
+    fooled = attacked & ~predicted_correctly(apply_fn(variables, x_best), labels)
+    return merge_success(found, AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled), attacked)
 
 
-def _square_single_run(
-    apply_fn: ApplyFn, settings: _Settings, variables, x, labels, keys, eps, attack_mask, host: bool
-) -> AttackOutput:
-    """One Square run (reference `attack_single_run`, margin loss) over a fixed-shape batch.
+def _square_single_run(apply_fn: ApplyFn, settings: _Settings, batch, keys, found: AttackOutput, host: bool):
+    """One Square run (reference `attack_single_run`, margin loss) over a fixed-shape batch, on the rows not fooled
+    yet; its successes merged into `found`.
 
     Each iteration costs one forward pass; the loop stops once no row is left to fool. Randomness
     is drawn per example.
     """
-    state = _square_init(apply_fn, settings.norm, variables, x, labels, fold_keys(keys, settings.n_queries), eps)
-    consts = (variables, x, labels, keys, eps, attack_mask)
+    variables, x, labels, eps = batch.variables, batch.images, batch.labels, batch.eps
+    init_keys = jitted_fold_keys(keys, settings.n_queries)
+    attacked, state = _square_start(
+        apply_fn, settings.norm, variables, x, labels, init_keys, eps, batch.attack_mask, found.fooled
+    )
+    consts = (variables, x, labels, keys, eps, attacked)
     x_best, _, _ = run_while(_SquareStep(apply_fn, settings), _AnyLeft(), settings.n_queries, consts, state, host)
-    return _square_finish(apply_fn, variables, x, labels, x_best, attack_mask)
+    return _square_finish(apply_fn, variables, x, labels, x_best, attacked, found)
 
 
 def square_attack(
@@ -312,22 +323,11 @@ def square_attack(
     if np.ndim(images) != 4:
         raise ValueError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
     batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
-    keys, found = example_keys(key, batch.ids), batch.found
+    keys, found = jitted_example_keys(key, batch.ids), batch.found
     settings = _Settings(n_queries, p_init, rescale_schedule, norm)
     if norm == "l2":
         l2_init_tiles(*np.shape(images)[1:3])  # fails early on images too small for the L2 grid
+    host = use_host_loop(loop, host_on_cpu=False)
     for restart in range(n_restarts):
-        attacked = batch.attack_mask & ~found.fooled
-        new = _square_single_run(
-            apply_fn,
-            settings,
-            batch.variables,
-            batch.images,
-            batch.labels,
-            fold_keys(keys, restart),
-            batch.eps,
-            attacked,
-            use_host_loop(loop, host_on_cpu=False),
-        )
-        found = merge_success(found, new, attacked)
+        found = _square_single_run(apply_fn, settings, batch, jitted_fold_keys(keys, restart), found, host)
     return found
