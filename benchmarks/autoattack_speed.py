@@ -7,13 +7,15 @@ many points stay robust after each attack, so the figure is per 1,000 examples o
 
     PYTHONPATH=. python benchmarks/autoattack_speed.py --reference-path /tmp/auto-attack \
         --n-examples 100 --output benchmarks/results/autoattack_speed.md
+
+Ours runs with the product's XLA:CPU device count (one per usable core, `mmard_jax/host_devices.py`) unless
+``--devices`` says otherwise; pin both sides with ``taskset`` and give the reference as many threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import statistics
 import sys
@@ -26,25 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import autoattack_twin as twin  # noqa: E402
-from benchmark_report import format_load, load_contention, publish, wait_for_quiet  # noqa: E402
+from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
 
+from mmard_jax import compilations, host_devices, parallel  # noqa: E402
 from mmard_jax.attacks.autoattack import run_autoattack  # noqa: E402
-
-
-@contextlib.contextmanager
-def backend_compilations():
-    """(program name, seconds) of every program XLA compiles inside the block (jax.monitoring's events)."""
-    compiled = []
-
-    def listener(event, duration_secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append((kwargs.get("fun_name", "?"), duration_secs))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def compile_summary(compiled: list[tuple[str, float]]) -> list[str]:
@@ -69,11 +56,14 @@ def median_ms(run, repeats: int = 30) -> float:
 
 def pass_timings(network, net, images, labels) -> dict[str, tuple[float, float]]:
     """(ours, reference) milliseconds of a forward pass and of a forward pass plus the input gradient of the summed
-    cross-entropy (what every APGD iteration computes) on the whole batch."""
+    cross-entropy (what every APGD iteration computes) on the whole batch, ours split over the devices as
+    AutoAttack splits it."""
     import torch
 
     apply_fn, variables = network
-    x, y = jnp.asarray(images), jnp.asarray(labels)
+    mesh = parallel.make_mesh()
+    x, y = (jax.device_put(np.asarray(a), parallel.batch_sharded(mesh)) for a in (images, labels))
+    variables = parallel.replicate(variables, mesh)
 
     def total_loss(x_):
         logits = apply_fn(variables, x_)
@@ -104,16 +94,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating reference / ours rounds")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoattack_speed.md"))
     parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="XLA:CPU devices for ours (default: the product's, one per core; MMARD_JAX_HOST_DEVICES chooses)",
+    )
     args = parser.parse_args()
+    if args.devices is not None:
+        os.environ[host_devices.CHOICE_VARIABLE] = str(args.devices)
+    if host_devices.set_default_host_devices([args.n_examples]) is None:  # before JAX's backends start
+        print("XLA_FLAGS sets the device count; --devices / MMARD_JAX_HOST_DEVICES are not used", file=sys.stderr)
     cores = len(os.sched_getaffinity(0))
     wait_for_quiet(cores, args.settle)
-    load_before = os.getloadavg()
+    load_before, times_before = os.getloadavg(), cpu_times()
 
     network, net, images, labels, _ = twin.setup(args)
     n = len(labels)
     ref_log = args.output.with_suffix(".reference.log")
     timings = {"reference": [], "ours": []}  # (wall s, process CPU s) per round
-    compilations = []  # per round of ours: (program, compile seconds)
+    compiled_per_round = []  # per round of ours: (program, compile seconds)
     for _ in range(args.rounds):  # alternate, so that a busy spell on the machine hits both
         wall, cpu = time.time(), time.process_time()
         ref_acc, _, _ = twin.run_reference(
@@ -122,13 +121,13 @@ def main() -> None:
         timings["reference"].append((time.time() - wall, time.process_time() - cpu))
         ref_steps = [line for line in ref_log.read_text().splitlines() if "robust accuracy after" in line]
         wall, cpu = time.time(), time.process_time()
-        with backend_compilations() as compiled:
+        with compilations.recorded() as compiled:
             ours = run_autoattack(*network, images, labels, eps=args.eps, seed=args.seed, batch_size=n, log=None)
         timings["ours"].append((time.time() - wall, time.process_time() - cpu))
-        compilations.append(compiled)
+        compiled_per_round.append(compiled)
     ref_log.unlink()
     passes = pass_timings(network, net, images, labels)
-    load_after = os.getloadavg()
+    load_after, times_after = os.getloadavg(), cpu_times()
     last_wall, last_cpu = timings["ours"][-1]
     verdict = load_contention(load_before, load_after, last_cpu / max(last_wall, 1e-9), cores)
 
@@ -147,9 +146,10 @@ def main() -> None:
         f"- {args.rounds} rounds, reference and ours alternating; our first round includes XLA "
         "compilation. Wall times vary between rounds, so the best round counts.",
         f"- load average before {format_load(load_before)}, after {format_load(load_after)}: "
-        + (verdict + ", so no speed-up is reported" if verdict else "quiet"),
-        f"- our programs compiled per round: {', '.join(str(len(c)) for c in compilations)} "
-        f"({', '.join(f'{sum(s for _, s in c):.1f} s' for c in compilations)} of compile time)",
+        + (verdict + ", so no speed-up is reported" if verdict else "quiet")
+        + f"; {format_steal(times_before, times_after)}",
+        f"- our programs compiled per round: {', '.join(str(len(c)) for c in compiled_per_round)} "
+        f"({', '.join(f'{sum(s for _, s in c):.1f} s' for c in compiled_per_round)} of compile time)",
         "",
         "| run | wall time per round (s) | best wall | best wall per 1,000 ex. | best CPU time per 1,000 ex. |",
         "|---|---|---|---|---|",
@@ -175,7 +175,7 @@ def main() -> None:
         "Programs our first round compiled (compile time, count, name):",
         "",
         "```",
-        *compile_summary(compilations[0]),
+        *compile_summary(compiled_per_round[0]),
         "```",
         "",
         "Cumulative times after each attack (last round), reference:",

@@ -23,16 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmard_jax.models.small_cnn import max_pool_2x2
+
 N_TRAIN = 4000  # MNIST-5k: the first 4,000 digits train, the last 1,000 are evaluated
 
 
 class SmallCNN(nn.Module):
-    """conv5x5(16) - relu - maxpool2 - conv5x5(32) - relu - maxpool2 - fc(100) - relu - fc(10), VALID."""
+    """conv5x5(16) - relu - maxpool2 - conv5x5(32) - relu - maxpool2 - fc(100) - relu - fc(10), VALID; the product's
+    max-pool (``mmard_jax.models.small_cnn.max_pool_2x2``)."""
 
     @nn.compact
     def __call__(self, x):
-        x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(nn.relu(nn.Conv(32, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+        x = max_pool_2x2(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)))
+        x = max_pool_2x2(nn.relu(nn.Conv(32, (5, 5), padding="VALID")(x)))
         x = nn.relu(nn.Dense(100)(x.reshape(x.shape[0], -1)))
         return nn.Dense(10)(x)
 

@@ -52,12 +52,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_twin  # noqa: E402
-from benchmark_report import format_load, load_contention, publish, wait_for_quiet  # noqa: E402
+from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
 
 from mmard_jax import config as config_lib  # noqa: E402
 from mmard_jax import parallel, train  # noqa: E402
 from mmard_jax.attacks import per_example_start  # noqa: E402
-from mmard_jax.host_devices import default_host_devices  # noqa: E402
+from mmard_jax.host_devices import default_host_devices, requested_host_devices  # noqa: E402
 from mmard_jax.networks import Network, build_module, inference_logits, init_variables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--devices",
         type=int,
-        help="JAX devices (default: the product's: 1, or one per core with MMARD_JAX_HOST_DEVICES=auto)",
+        help="JAX devices (default: the product's: one per core, or what MMARD_JAX_HOST_DEVICES names)",
     )
     parser.add_argument("--unroll", type=int, help="config.attack.unroll (1 = rolled PGD loop)")
     parser.add_argument(
@@ -107,15 +107,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if args.platform and args.check:
         parser.error("--check compares against PyTorch on CPU; it does not combine with --platform")
-    if args.devices is None and os.environ.get("MMARD_JAX_HOST_DEVICES") != "auto":
-        args.devices = 1  # the product's default: one device (mmard_jax/host_devices.py is opt-in)
-    if args.devices is None:  # MMARD_JAX_HOST_DEVICES=auto: what `python -m mmard_jax.main` then picks
+    if args.devices is None:  # what `python -m mmard_jax.main` picks (mmard_jax/host_devices.py)
         cpu = args.platform in (None, "cpu")
-        args.devices = (
-            default_host_devices([args.batch or 8 if args.tiny else args.batch or 32], len(parse_cores(args.cores)))
-            if cpu
-            else 1
-        )
+        batch = args.batch or (8 if args.tiny else 32)
+        chosen = requested_host_devices() or default_host_devices([batch], len(parse_cores(args.cores)))
+        args.devices = chosen if cpu else 1
     return args
 
 
@@ -696,7 +692,7 @@ def side_row(method: str, name: str, result: SideResult, batch: int, flops: floa
     )
 
 
-def compare_mode(args, settings, load_before) -> tuple[dict, list[str]]:
+def compare_mode(args, settings, load_before, times_before) -> tuple[dict, list[str]]:
     """Both sides per setting and method; a ratio only where `contention` finds nothing."""
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -709,7 +705,8 @@ def compare_mode(args, settings, load_before) -> tuple[dict, list[str]]:
     load_after = os.getloadavg()
     own_after = recent_busy_cores([r for m in measured.values() for n in ("JAX", "PyTorch") for r in m[n].rounds])
     lines = [
-        f"- load average before {format_load(load_before)}, after {format_load(load_after)}",
+        f"- load average before {format_load(load_before)}, after {format_load(load_after)}; "
+        f"{format_steal(times_before, cpu_times())}",
         f"- CPU peak: {peak_text}",
         f"- {args.rounds} interleaved rounds (JAX, PyTorch, JAX, ...) after compilation and one warm-up step each; "
         "median and min over every timed step",
@@ -920,7 +917,7 @@ def main(argv: list[str] | None = None, *, may_reexec: bool = False) -> dict:
     args = parse_args(argv)
     prepare_process(args, may_reexec=may_reexec)
     wait_for_quiet(len(os.sched_getaffinity(0)), args.settle)
-    load_before = os.getloadavg()
+    load_before, times_before = os.getloadavg(), cpu_times()
     names = ("cifar",) if args.platform else tuple(s.strip() for s in args.setting.split(","))
     settings = {name: benchmark_config(args, name) for name in names}
     if args.check:
@@ -928,7 +925,7 @@ def main(argv: list[str] | None = None, *, may_reexec: bool = False) -> dict:
     elif args.platform:
         mode, (results, lines) = "accelerator", accelerator_mode(args, settings)
     else:
-        mode, (results, lines) = "compare", compare_mode(args, settings, load_before)
+        mode, (results, lines) = "compare", compare_mode(args, settings, load_before, times_before)
     report = header(TITLES[mode], argv) + lines
     publish("\n".join(report) + "\n", default_output(args) if args.output is None else args.output)
     return results

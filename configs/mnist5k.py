@@ -18,7 +18,7 @@ def get_config():
     config.data.crop_padding = 0  # no augmentation on MNIST
     config.data.flip = False
 
-    # Stride-2 convs instead of max-pooling: ~6x cheaper input gradients on XLA:CPU (benchmarks/cpu_downsampling.py).
+    # Stride-2 convs instead of max-pooling: 3-5x cheaper input gradients on XLA:CPU (benchmarks/cpu_downsampling.py).
     config.teacher.model = model_config("cnn", widths=(32, 64), hidden=128, downsample="stride", use_bn=False)
     config.teacher.method.name = "trades"
     # TRADES MNIST uses 40 steps of 0.01; a CPU demo budget allows 10 steps of 0.04 (same reach: 0.4 > ε).

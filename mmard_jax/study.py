@@ -1110,8 +1110,8 @@ def main(argv):
     if FLAGS.study is None or not FLAGS["workdir"].present:
         _exit_usage("--study and --workdir are required, e.g. --study plug_and_play --workdir runs/study")
     entry.configure_logging()
-    entry.use_default_host_devices(FLAGS.config)
     try:
+        entry.use_default_host_devices(FLAGS.config)
         run_study(
             FLAGS.config,
             FLAGS.workdir,

@@ -4,7 +4,6 @@ A tiny MLP is trained for about a second on sklearn's bundled 8x8 digits; attack
 iteration counts passed as parameters. A model is a pair (apply_fn, variables), as the attacks take it.
 """
 
-import contextlib
 import functools
 import importlib
 import re
@@ -18,7 +17,7 @@ import pytest
 from scipy.optimize import linprog
 from sklearn.datasets import load_digits
 
-from mmard_jax import networks, parallel
+from mmard_jax import compilations, networks, parallel
 from mmard_jax.attacks.autoattack import (
     apgd,
     apgd_checkpoints,
@@ -488,22 +487,6 @@ def test_device_and_host_loops_give_the_same_result(model, eval_set):
 
 
 # ----------------------------------------------------------------------------- one compilation per architecture
-@contextlib.contextmanager
-def _backend_compilations():
-    """The names of the programs XLA compiles inside the block (jax.monitoring's backend-compile events)."""
-    compiled = []
-
-    def listener(event, duration_secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_a_second_network_of_the_same_architecture_compiles_nothing(digits, model, eval_set):
     """The weights are traced arguments, not constants: every program compiled for the first network (a Flax
     module built anew, as main.py builds each network) serves the second one, whose results differ."""
@@ -514,7 +497,7 @@ def test_a_second_network_of_the_same_architecture_compiles_nothing(digits, mode
     first = run_autoattack(networks.inference_apply(FlaxMLP()), {"params": model[1]}, images, labels, **settings)
     assert all(accuracy > 0 for accuracy in first.per_attack.values())
     other = {"params": _train_mlp(*digits, seed=1)}
-    with _backend_compilations() as compiled:
+    with compilations.recorded() as compiled:
         second = run_autoattack(networks.inference_apply(FlaxMLP()), other, images, labels, **settings)
     assert compiled == []
     assert not np.array_equal(first.adversarial, second.adversarial)
@@ -554,12 +537,12 @@ def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set)
         apgd_ce=dict(n_iter=4), apgd_t=dict(n_iter=4, n_target_classes=2), fab_t=dict(n_iter=4, n_target_classes=2)
     )
     jax.clear_caches()
-    with _backend_compilations() as compiled:
+    with compilations.recorded() as compiled:
         result = run_autoattack(
             *model, images, labels, eps=0.05, batch_size=8, log=None, square=dict(n_queries=20), **budgets
         )
     assert all(accuracy > 0 for accuracy in result.per_attack.values())  # every attack ran on some rows
-    names = [name.removeprefix("jit(").removesuffix(")") for name in compiled]
+    names = [name.removeprefix("jit(").removesuffix(")") for name, _ in compiled]
     assert set(names) <= ATTACK_PROGRAMS, sorted(set(names) - ATTACK_PROGRAMS)
     counts = {name: names.count(name) for name in set(names)}
     assert counts.pop("_one_step") == 3  # APGD-CE, APGD-T, FAB-T

@@ -1,6 +1,7 @@
 """Configs: every shipped file loads and validates, CLI overrides reach nested fields, bad values name their field."""
 
 import os
+import re
 
 import pytest
 from absl import flags
@@ -223,6 +224,28 @@ def test_default_host_devices_one_per_core_dividing_every_batch():
     assert "--xla_force_host_platform_device_count=" in env["XLA_FLAGS"] and "xnnpack" in env["XLA_FLAGS"]
     user = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
     assert host_devices.set_default_host_devices([128], user) is None and user["XLA_FLAGS"].endswith("=3")
+
+
+@pytest.mark.parametrize(
+    "choice, expected",
+    [(None, 2), ("auto", 2), ("1", 1), ("4", 4), (" 2 ", 2)],
+)
+def test_host_devices_default_to_one_per_core_unless_the_variable_names_a_count(monkeypatch, choice, expected):
+    from mmard_jax import host_devices
+
+    monkeypatch.setattr(host_devices, "usable_cores", lambda: 2)
+    env = {} if choice is None else {host_devices.CHOICE_VARIABLE: choice}
+    assert host_devices.set_default_host_devices([128, 200], env) == expected
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={expected}"
+
+
+@pytest.mark.parametrize("choice", ["0", "two", "-1", "1.5"])
+def test_a_bad_host_device_choice_is_refused_even_when_xla_flags_set_the_count(choice):
+    from mmard_jax import host_devices
+
+    env = {host_devices.CHOICE_VARIABLE: choice, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    with pytest.raises(ValueError, match=f"MMARD_JAX_HOST_DEVICES='{re.escape(choice)}'"):
+        host_devices.set_default_host_devices([128], env)
 
 
 def test_records_made_before_a_field_existed_match_its_historical_value():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mmard_jax.models import MODEL_NAMES, count_params, create_model
-from mmard_jax.models.small_cnn import flatten_channel_major
+from mmard_jax.models.small_cnn import flatten_channel_major, max_pool_2x2
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
@@ -398,3 +399,23 @@ def test_bn_axis_name_syncs_batch_statistics_across_devices():
     assert tree_allclose(updates, full_updates, rtol=1e-4, atol=1e-6)
     per_device, _ = local.apply(variables, x[:2], train=True, mutable=["batch_stats"])
     assert not np.allclose(per_device, full_logits[:2], atol=1e-4)  # local stats would differ
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 6, 2), (2, 7, 5, 3), (4, 24, 24, 8)])
+def test_max_pool_matches_reduce_window_values_and_gradients_with_ties(shape):
+    """The elementwise max-pool gradient routes each window's gradient to its first maximum, bit for bit what
+    XLA's select-and-scatter (``nn.max_pool``) does; integer-valued inputs make ties in most windows."""
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.integers(0, 3, size=shape), jnp.float32)
+
+    def reduce_window_pool(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+    expected, expected_vjp = jax.vjp(reduce_window_pool, x)
+    pooled, pooled_vjp = jax.vjp(max_pool_2x2, x)
+    np.testing.assert_array_equal(pooled, expected)
+    upstream = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    (grad,), (expected_grad,) = pooled_vjp(upstream), expected_vjp(upstream)
+    np.testing.assert_array_equal(grad, expected_grad)
+    ties = np.asarray(pooled_vjp(jnp.ones_like(upstream))[0])
+    assert ties.sum() == expected.size and set(np.unique(ties)) == {0.0, 1.0}  # one unit per window, never split

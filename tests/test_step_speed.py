@@ -52,3 +52,19 @@ def test_contention_rule_separates_other_processes_from_our_own_threads():
     assert "during the JAX rounds" in verdict(idle, 1.0, busy_elsewhere)
     assert "load before" in verdict(idle + 1.0, 1.3, quiet)
     assert "load after" in verdict(idle, idle + 3.0, quiet)
+
+
+def test_steal_share_counts_the_hypervisors_share_of_cpu_time():
+    """/proc/stat ticks by hand: 40 user + 20 idle + 25 steal (+ 15 guest, already inside user) -> 25 / 85."""
+    import benchmark_report
+
+    before = (100, 0, 10, 500, 0, 0, 0, 30, 5, 0)
+    after = (140, 0, 10, 520, 0, 0, 0, 55, 20, 0)
+    assert benchmark_report.steal_share(before, after) == pytest.approx(25 / 85)
+    assert benchmark_report.steal_share(before, before) is None  # no time passed
+    assert benchmark_report.steal_share(None, after) is None
+    assert "29.4 %" in benchmark_report.format_steal(before, after)
+    now = benchmark_report.cpu_times()
+    if now is not None:  # Linux: a real reading parses and gives a share in [0, 1]
+        share = benchmark_report.steal_share(now, benchmark_report.cpu_times())
+        assert share is None or 0 <= share <= 1

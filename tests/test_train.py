@@ -530,7 +530,9 @@ def test_main_end_to_end_on_the_tiny_config(tmp_path):
     assert os.listdir(tmp_path / "students" / "mmard" / "tensorboard")
     import json
 
-    results = json.load(open(tmp_path / "results.json"))["results"]
+    summary = json.load(open(tmp_path / "results.json"))
+    assert summary["devices"] == {"count": 2, "platform": "cpu"}  # run_main's XLA_FLAGS
+    results = summary["results"]
     assert set(results) == {"teacher", "rslad", "mmard"}
     for row in results.values():
         acc = row["accuracy"]

@@ -28,9 +28,41 @@ from mmard_jax.models.layers import (
 SMALL_CNN_MIN_SIZE = 16  # four valid 3x3 convs and two 2x2 pools leave at least 2x2
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """NHWC -> (N, H/2, 2, W/2, 2, C): the 2x2 windows of ``x``, odd remainders dropped."""
+    n, h, w, c = x.shape
+    return x[:, : h - h % 2, : w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """PyTorch ``MaxPool2d(2, 2)``: non-overlapping 2x2 windows, odd remainders dropped."""
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    """PyTorch ``MaxPool2d(2, 2)``: non-overlapping 2x2 windows, odd remainders dropped.
+
+    The same values and gradients as ``nn.max_pool(x, (2, 2), (2, 2))`` (the gradient goes to the first maximum of each
+    window in row-major order, as in PyTorch), but differentiated with elementwise operations instead of XLA's
+    select-and-scatter, which dominated the input gradient of a max-pooling CNN on XLA:CPU
+    (benchmarks/results/cpu_downsampling.md). A ``jax.custom_vjp``: reverse mode (grad, vjp, jacrev) only.
+    """
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    pooled = max_pool_2x2(x)
+    return pooled, (x, pooled)
+
+
+def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+    x, pooled = residuals
+    n, h, w, c = x.shape
+    is_max = _pool_windows(x) == pooled[:, :, None, :, None, :]
+    is_max = jnp.moveaxis(is_max, (2, 4), (4, 5)).reshape(*pooled.shape, 4)  # (N, H/2, W/2, C, window)
+    first_max = is_max & (jnp.cumsum(is_max, axis=-1) == 1)
+    spread = jnp.where(first_max, grad[..., None], 0).reshape(*pooled.shape, 2, 2)
+    spread = jnp.moveaxis(spread, (3, 4), (5, 2)).reshape(n, h - h % 2, w - w % 2, c)
+    return (jnp.pad(spread, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def flatten_channel_major(x: jax.Array) -> jax.Array:
@@ -77,7 +109,7 @@ class CNN(ImageClassifier):
       hidden: width of the dense layer before the logits; 0 = none.
       use_bn: BatchNorm after each conv (the convs then have no bias).
       downsample: 'max_pool' (conv, ReLU, 2x2 max-pool) or 'stride' (a stride-2 conv, ReLU): the stride form is
-        about 6x faster to differentiate on XLA:CPU (benchmarks/cpu_downsampling.py), so the CPU demo uses it.
+        3-5x faster to differentiate on XLA:CPU (benchmarks/results/cpu_downsampling.md), so the CPU demo uses it.
     """
 
     widths: tuple[int, ...] = (16, 32)
