@@ -16,6 +16,20 @@ def publish(report: str, path: str | Path | None) -> None:
         path.write_text(report, encoding="utf-8")
 
 
+def interleaved_medians(thunks: dict, repeats: int) -> dict:
+    """Median seconds of each thunk over ``repeats`` turns in which every thunk runs once (interleaved: a busy spell
+    hits all of them alike), after one warm-up call each."""
+    for thunk in thunks.values():
+        thunk()
+    times = {name: [] for name in thunks}
+    for _ in range(repeats):
+        for name, thunk in thunks.items():
+            start = time.perf_counter()
+            thunk()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
 def load_threshold(cores: int) -> float:
     """The 1-minute load that other processes may put on a machine whose ``cores`` a benchmark uses."""
     return (os.cpu_count() or cores) - cores + 0.5

@@ -16,12 +16,11 @@ import contextlib
 import datetime
 import os
 import platform
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from benchmark_report import cpu_times, format_load, format_steal, publish, wait_for_quiet
+from benchmark_report import cpu_times, format_load, format_steal, interleaved_medians, publish, wait_for_quiet
 
 from mmard_jax.losses import cross_entropy
 from mmard_jax.models import create_model, small_cnn
@@ -52,17 +51,6 @@ def input_gradient(model, batch: int):
     return lambda: grad(x).block_until_ready()
 
 
-def median_times(thunks: dict, repeats: int) -> dict:
-    """Median seconds of each thunk, run in turn ``repeats`` times (interleaved: a busy spell hits all of them)."""
-    times = {name: [] for name in thunks}
-    for _ in range(repeats):
-        for name, thunk in thunks.items():
-            start = time.perf_counter()
-            thunk()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -78,7 +66,9 @@ def main() -> None:
             reduce_window = input_gradient(create_model("cnn", 10, widths=widths, hidden=128), args.batch)
         product = input_gradient(create_model("cnn", 10, widths=widths, hidden=128), args.batch)
         stride = input_gradient(create_model("cnn", 10, widths=widths, hidden=128, downsample="stride"), args.batch)
-        median = median_times({"reduce_window": reduce_window, "product": product, "stride": stride}, args.repeats)
+        median = interleaved_medians(
+            {"reduce_window": reduce_window, "product": product, "stride": stride}, args.repeats
+        )
         before, pooled, strided = median["reduce_window"], median["product"], median["stride"]
         rows.append(
             f"| {widths} | {1e3 * before:.1f} | {1e3 * pooled:.1f} | {before / pooled:.1f}x | {1e3 * strided:.1f} "
