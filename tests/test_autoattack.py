@@ -550,6 +550,35 @@ def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set)
     assert all(count == 1 for count in counts.values()), counts
 
 
+def test_the_cpu_compiler_options_change_no_bit_of_an_apgd_iteration(digits):
+    """common.CPU_COMPILER_OPTIONS only make compilation faster: an APGD-CE iteration of a max-pool CNN (forward pass,
+    input gradient through convolutions and max-pooling, the step's bookkeeping) gives the same bits with them as with
+    XLA's defaults."""
+    from mmard_jax.models import create_model
+
+    module = create_model("cnn", 10, widths=(8, 16), hidden=32, downsample="max_pool")
+    x, y = (jnp.asarray(a[:16]) for a in digits)
+    variables = networks.init_variables(module, jax.random.key(1), x.shape[1:])
+    apply_fn = networks.inference_apply(module)
+    batch = common_module.prepare_batch(apply_fn, variables, x, y, EPS, "linf")
+    settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
+    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
+    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
+    targets, _, state = apgd_module._apgd_start(settings, None, x, y, *args)
+    step = apgd_module._ApgdStep(apply_fn, settings)
+    consts = (batch.variables, x, y, targets, batch.eps)
+    lowered = jax.jit(step).lower(consts, np.int32(0), state)
+
+    def two_iterations(compiled):  # i = -1 evaluates the random start, i = 0 takes the first step
+        return compiled(consts, np.int32(0), compiled(consts, np.int32(-1), state))
+
+    default = two_iterations(lowered.compile())
+    tuned = two_iterations(lowered.compile(compiler_options=dict(common_module.CPU_COMPILER_OPTIONS)))
+    for name in state:
+        np.testing.assert_array_equal(np.asarray(tuned[name]), np.asarray(default[name]), err_msg=name)
+    assert not np.array_equal(np.asarray(default["x_adv"]), np.asarray(state["x_adv"]))  # the step moved x_adv
+
+
 def _apgd_step_hlo(model, eval_set, state_sharding):
     """The compiled HLO of one host-driven APGD-CE iteration on a batch of 16 split over the 8 test devices, its state
     made by the start program with `state_sharding` (the runner's: the batch's own)."""

@@ -1,0 +1,205 @@
+"""Compile time and speed of a whole AutoAttack run under different XLA:CPU options for the attacks' programs.
+
+The attacks compile with `mmard_jax.attacks.autoattack.common.CPU_COMPILER_OPTIONS` on CPU. This script runs the same
+AutoAttack 'standard' (the PGD-trained SmallCNN of autoattack_twin.py, held-out MNIST-5k digits) in a fresh process per
+variant, alternating the variants, two rounds each (the first compiles), and checks that every variant returns the
+same bits (adversarial examples and robust mask) as the product's options:
+
+    PYTHONPATH=. taskset -c 0 python benchmarks/autoattack_compile_options.py --n-examples 100 --pairs 2 \
+        --output benchmarks/results/autoattack_compile_options.md
+
+No reference checkout is needed (ours only). ``--epochs 0`` uses the untrained network (a quick smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
+
+CLASSIC_EMITTERS = (("xla_cpu_use_fusion_emitters", False),)
+VARIANTS = {  # name: the options, or None for the product's own CPU_COMPILER_OPTIONS
+    "XLA defaults": (),
+    "classic emitters": CLASSIC_EMITTERS,
+    "product": None,
+}
+
+
+def run_variant(args, options) -> dict:
+    """In this (fresh) process: AutoAttack twice under ``options``; compile and wall seconds, outputs saved."""
+    from mmard_jax import host_devices
+
+    os.environ[host_devices.CHOICE_VARIABLE] = str(args.devices)
+    host_devices.set_default_host_devices([args.n_examples])
+    from mmard_jax import compilations
+    from mmard_jax.attacks.autoattack import common, run_autoattack
+
+    if options is not None:
+        common.CPU_COMPILER_OPTIONS = tuple(tuple(option) for option in options)
+    import autoattack_twin as twin
+    import jax
+
+    images, labels = twin.load_mnist5k()
+    train = slice(0, twin.N_TRAIN)
+    if args.epochs == 0:
+        model = twin.SmallCNN()
+        apply_fn, variables = model.apply, model.init(jax.random.key(args.seed), images[:1])
+    else:
+        apply_fn, variables = twin.trained_model(
+            args.model_cache, images[train], labels[train], eps=args.eps, epochs=args.epochs, seed=args.seed
+        )
+    test = slice(twin.N_TRAIN, twin.N_TRAIN + args.n_examples)
+    budgets = {} if args.square_queries is None else dict(square=dict(n_queries=args.square_queries))
+    rounds = []
+    for _ in range(2):
+        start = time.time()
+        with compilations.recorded() as compiled:
+            result = run_autoattack(
+                apply_fn, variables, images[test], labels[test], eps=args.eps, seed=args.seed,
+                batch_size=args.n_examples, log=None, **budgets,
+            )  # fmt: skip
+        rounds.append(dict(wall=time.time() - start, compile=sum(s for _, s in compiled), programs=len(compiled)))
+    np.savez(args.child_output, adversarial=result.adversarial, robust=result.robust_mask)
+    return dict(options=dict(common.compiler_options() or {}), rounds=rounds, robust=result.robust_accuracy)
+
+
+def spawn(name: str, folder: Path) -> tuple[dict, dict]:
+    """Runs one variant in a fresh process (nothing compiled yet); its report (with the cores it kept busy) and its
+    saved outputs."""
+    output = folder / f"{name.replace(' ', '_')}.npz"
+    command = [sys.executable, __file__, *sys.argv[1:], "--child-variant", name, "--child-output", str(output)]
+    before, start = os.times(), time.time()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    after = os.times()
+    if done.returncode != 0:
+        raise RuntimeError(f"variant {name!r} failed:\n{done.stdout}\n{done.stderr}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    child_cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    report["busy_cores"] = child_cpu / max(time.time() - start, 1e-9)
+    return report, dict(np.load(output))
+
+
+def _joined(values, digits: int = 1) -> str:
+    return ", ".join(f"{value:.{digits}f}" for value in values)
+
+
+def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
+    rows = [
+        "| variant (options) | compile s per first round | first round wall s | compiled round wall s | programs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in reports.items():
+        firsts, seconds = [r["rounds"][0] for r in runs], [r["rounds"][1] for r in runs]
+        options = ", ".join(f"{k}={v}" for k, v in runs[0]["options"].items()) or "none"
+        compile_s = _joined(r["compile"] for r in firsts)
+        first_wall, compiled_wall = _joined(r["wall"] for r in firsts), _joined(r["wall"] for r in seconds)
+        rows.append(f"| {name} ({options}) | {compile_s} | {first_wall} | {compiled_wall} | {firsts[0]['programs']} |")
+    return rows
+
+
+def ratios(reports: dict[str, list[dict]]) -> list[str]:
+    """Each variant against the product, pair by pair (the runs of a pair ran back to back)."""
+    lines = []
+    product = reports["product"]
+    for name, runs in reports.items():
+        if name == "product":
+            continue
+        pairs = list(zip(runs, product, strict=True))
+        compile_ratio = [r["rounds"][0]["compile"] / p["rounds"][0]["compile"] for r, p in pairs]
+        first = [r["rounds"][0]["wall"] / p["rounds"][0]["wall"] for r, p in pairs]
+        compiled = [r["rounds"][1]["wall"] / p["rounds"][1]["wall"] for r, p in pairs]
+        lines.append(
+            f"- {name} ÷ product, per pair: compile time {_joined(compile_ratio, 2)}; first round {_joined(first, 2)}; "
+            f"compiled round {_joined(compiled, 2)} (median {statistics.median(compiled):.2f})"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-examples", type=int, default=100)
+    parser.add_argument("--pairs", type=int, default=2, help="rounds of all variants, alternating")
+    parser.add_argument("--devices", type=int, default=1, help="XLA:CPU devices (MMARD_JAX_HOST_DEVICES)")
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=12, help="PGD training epochs of the network (0: untrained)")
+    parser.add_argument("--model-cache", type=Path, default=Path("/tmp/autoattack_smallcnn.npz"))
+    parser.add_argument("--square-queries", type=int, help="Square's budget (default: the standard 5,000)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoattack_compile_options.md"))
+    parser.add_argument("--child-variant", help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.epochs == 0:
+        args.model_cache = None
+    if args.child_variant is not None:
+        print(json.dumps(run_variant(args, VARIANTS[args.child_variant])))
+        return
+
+    names = [name.strip() for name in args.variants.split(",")]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or "product" not in names:
+        raise SystemExit(f"--variants {args.variants!r}: choose among {list(VARIANTS)}, 'product' included")
+    cores = len(os.sched_getaffinity(0))
+    wait_for_quiet(cores, args.settle)
+    load_before, times_before = os.getloadavg(), cpu_times()
+    reports: dict[str, list[dict]] = {name: [] for name in names}
+    differing = []
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(args.pairs):
+            outputs = {}
+            for name in names:
+                report, outputs[name] = spawn(name, Path(folder))
+                reports[name].append(report)
+            for name in names:
+                same = all(np.array_equal(outputs[name][k], outputs["product"][k]) for k in ("adversarial", "robust"))
+                if not same:
+                    differing.append(name)
+    load_after, times_after = os.getloadavg(), cpu_times()
+    last = reports[names[-1]][-1]
+    verdict = load_contention(load_before, load_after, min(last["busy_cores"], cores), cores)
+    robust = {name: runs[0]["robust"] for name, runs in reports.items()}
+    lines = [
+        "# AutoAttack compile time and speed under XLA:CPU options (ours only)",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `PYTHONPATH=. python benchmarks/autoattack_compile_options.py {' '.join(sys.argv[1:])}`",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs ({cores} usable here), Python "
+        f"{platform.python_version()}, {args.devices} XLA:CPU device(s)",
+        f"- AutoAttack 'standard' on {args.n_examples} held-out MNIST-5k digits, SmallCNN "
+        f"({'untrained' if args.epochs == 0 else f'PGD-trained, {args.epochs} epochs'}), eps {args.eps}"
+        + ("" if args.square_queries is None else f", Square {args.square_queries} queries"),
+        f"- each variant in a fresh process, {args.pairs} pair(s) of runs alternating the variants; a run = 2 rounds, "
+        "the first compiling",
+        f"- load average before {format_load(load_before)}, after {format_load(load_after)}: "
+        f"{verdict or 'quiet'}; {format_steal(times_before, times_after)}",
+        f"- robust accuracy: {', '.join(f'{name} {value:.2%}' for name, value in robust.items())}",
+        "- same bits as the product's options (adversarial examples and robust mask, every pair): "
+        + (", ".join(f"{name}: {'no' if name in differing else 'yes'}" for name in names)),
+        "",
+        *summary_rows(reports),
+        "",
+        *(["(no ratios: the machine was not quiet)"] if verdict else ratios(reports)),
+        "",
+    ]
+    publish("\n".join(lines), args.output)
+    if differing:
+        raise SystemExit(f"variants {differing} changed the results")
+
+
+if __name__ == "__main__":
+    main()
