@@ -1,4 +1,4 @@
-"""Test set-up: 8 host CPU devices, set before JAX starts."""
+"""Test set-up: 8 host CPU devices, set before JAX starts; the `slow` tests start first."""
 
 import os
 
@@ -6,5 +6,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Tests marked `slow` (minute-long end-to-end runs in subprocesses, no shared fixtures) run first, the others keep
+    their order: with `pytest -n 2` a minute-long test started last would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

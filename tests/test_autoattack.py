@@ -550,6 +550,17 @@ def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set)
     assert all(count == 1 for count in counts.values()), counts
 
 
+def _apgd_ce_iteration(apply_fn, variables, x, y, state_sharding=None):
+    """(step, consts, state) of a host-driven APGD-CE run (10 iterations) on (x, y), its state made by the start program
+    with ``state_sharding`` (the runner's is the batch's own, `common.batch_sharding`)."""
+    batch = common_module.prepare_batch(apply_fn, variables, x, y, EPS, "linf")
+    settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
+    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
+    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
+    targets, _, state = apgd_module._apgd_start(settings, state_sharding, x, y, *args)
+    return apgd_module._ApgdStep(apply_fn, settings), (batch.variables, x, y, targets, batch.eps), state
+
+
 def test_the_cpu_compiler_options_change_no_bit_of_an_apgd_iteration(digits):
     """common.CPU_COMPILER_OPTIONS only make compilation faster: an APGD-CE iteration of a max-pool CNN (forward pass,
     input gradient through convolutions and max-pooling, the step's bookkeeping) gives the same bits with them as with
@@ -559,14 +570,7 @@ def test_the_cpu_compiler_options_change_no_bit_of_an_apgd_iteration(digits):
     module = create_model("cnn", 10, widths=(8, 16), hidden=32, downsample="max_pool")
     x, y = (jnp.asarray(a[:16]) for a in digits)
     variables = networks.init_variables(module, jax.random.key(1), x.shape[1:])
-    apply_fn = networks.inference_apply(module)
-    batch = common_module.prepare_batch(apply_fn, variables, x, y, EPS, "linf")
-    settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
-    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
-    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
-    targets, _, state = apgd_module._apgd_start(settings, None, x, y, *args)
-    step = apgd_module._ApgdStep(apply_fn, settings)
-    consts = (batch.variables, x, y, targets, batch.eps)
+    step, consts, state = _apgd_ce_iteration(networks.inference_apply(module), variables, x, y)
     lowered = jax.jit(step).lower(consts, np.int32(0), state)
 
     def two_iterations(compiled):  # i = -1 evaluates the random start, i = 0 takes the first step
@@ -584,13 +588,7 @@ def _apgd_step_hlo(model, eval_set, state_sharding):
     made by the start program with `state_sharding` (the runner's: the batch's own)."""
     sharding = parallel.batch_sharded(parallel.make_mesh())
     x, y = (jax.device_put(a[:16], sharding) for a in eval_set)
-    batch = common_module.prepare_batch(model[0], model[1], x, y, EPS, "linf")
-    settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
-    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
-    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
-    targets, _, state = apgd_module._apgd_start(settings, state_sharding(batch.images), x, y, *args)
-    consts = (batch.variables, x, y, targets, batch.eps)
-    step = apgd_module._ApgdStep(model[0], settings)
+    step, consts, state = _apgd_ce_iteration(*model, x, y, state_sharding(x))
     return common_module._one_step.lower(step, consts, np.int32(3), state).compile().as_text()
 
 

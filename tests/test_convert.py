@@ -341,6 +341,7 @@ def test_import_errors_are_one_message_and_exit_2(args, expected, tmp_path, caps
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_distillation_from_an_imported_teacher_runs_end_to_end(tmp_path):
     """The tiny config (8x8 digits) distils from a random-weight PyTorch WRN-10-1 imported from a wrapped file."""
     model = twins.randomize_batch_stats(twins.WideResNet(depth=10, widen_factor=1, in_channels=1), seed=4, image_size=8)

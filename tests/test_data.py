@@ -378,6 +378,7 @@ def _epoch_indices(src, epoch, process_count, global_batch_size=8, seed=3):
     return steps
 
 
+@pytest.mark.slow
 def test_two_processes_cover_each_example_once_and_match_single_process():
     src = _indexed_source(37)
     two = _epoch_indices(src, epoch=0, process_count=2)

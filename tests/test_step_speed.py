@@ -25,6 +25,7 @@ def test_the_pytorch_twin_computes_the_same_train_step(method, tmp_path):
     assert "| yes |" in report.read_text()
 
 
+@pytest.mark.slow
 def test_accelerator_mode_runs_tiny_on_cpu(tmp_path):
     """What ``--platform gpu`` runs, at test sizes on CPU: timing, MFU, memory and the largest-batch search."""
     report = tmp_path / "accelerator.md"
@@ -72,6 +73,7 @@ def test_steal_share_counts_the_hypervisors_share_of_cpu_time():
         assert share is None or 0 <= share <= 1
 
 
+@pytest.mark.slow
 def test_the_xla_conv_paths_benchmark_runs_tiny_and_its_two_xla_paths_agree(tmp_path, monkeypatch):
     """benchmarks/xla_cpu_conv_paths.py at test sizes, without its train-step part: every pass timed on all three
     sides, and both XLA paths' float32 results within float32 rounding of the float64 run of the same program."""

@@ -26,6 +26,7 @@ def run_on_fake_gcs(bucket_root, cwd, *args, code=None):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_with_its_workdir_on_gcs_and_resumes_there(tmp_path):
     """Teacher, two students, evaluation, curves, TensorBoard and the compilation cache all land in the bucket; no
     path reaches the OS as a local 'gs:' folder (the guards would fail the run); a second run finds everything done."""

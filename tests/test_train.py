@@ -439,6 +439,7 @@ def _launch(workdir, overrides):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path):
     """Multi-host data parallelism through the launch script: 2 processes x 1 CPU device (jax.distributed, gloo)
     train the teacher and distil the student of 1 process x 2 devices (same global batch); their checkpoints load
@@ -464,6 +465,7 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
         assert_trees_close(found, expected)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_resume_is_exact(tmp_path):
     """2 processes (launch script): SIGTERM to process 1 only. JAX's preemption sync point makes both save the same
     step and exit 75 within a bounded time; running again resumes there and ends where an uninterrupted run ends."""
@@ -510,6 +512,7 @@ def test_profile_steps_write_a_trace_of_those_steps(digits, tmp_path):
     assert list(runs[0].glob("*.xplane.pb")) and list(runs[0].glob("*.trace.json.gz"))
 
 
+@pytest.mark.slow
 def test_main_end_to_end_on_the_tiny_config(tmp_path):
     cache = tmp_path / "xla_cache"
     process = run_main(
@@ -540,6 +543,7 @@ def test_main_end_to_end_on_the_tiny_config(tmp_path):
     assert "| mmard |" in output  # the table is printed
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_keeps_a_good_checkpoint_and_resumes(tmp_path):
     overrides = ("--config.stages=teacher", "--config.teacher.optim.epochs=6", "--config.checkpoint.every_steps=3")
     process = run_main(tmp_path, *overrides)
