@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_twin  # noqa: E402
 from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
 
+from mmard_jax import compilations, parallel, train  # noqa: E402
 from mmard_jax import config as config_lib  # noqa: E402
-from mmard_jax import parallel, train  # noqa: E402
 from mmard_jax.attacks import per_example_start  # noqa: E402
 from mmard_jax.host_devices import default_host_devices, requested_host_devices  # noqa: E402
 from mmard_jax.networks import Network, build_module, inference_logits, init_variables  # noqa: E402
@@ -433,11 +433,12 @@ class Compiled:
 
 
 def compile_step(side: JaxSide) -> Compiled:
-    """train.make_train_step lowered and compiled for the side's arguments, timed."""
+    """train.make_train_step lowered and compiled for the side's arguments (with the product's XLA options, as
+    parallel.compile_synchronized compiles it), timed."""
     start = time.perf_counter()
     lowered = train.make_train_step(side.spec, side.mesh).lower(side.state, side.teacher_vars, side.images, side.labels)
     lowered_at = time.perf_counter()
-    executable = lowered.compile()
+    executable = lowered.compile(compiler_options=compilations.compiler_options())
     return Compiled(executable, lowered_at - start, time.perf_counter() - lowered_at)
 
 

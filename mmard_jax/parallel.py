@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmard_jax import checks
+from mmard_jax import checks, compilations
 
 DATA_AXIS = "data"
 BARRIER_TIMEOUT_S = 3600.0  # how long a process waits for the slowest one to finish compiling
@@ -135,7 +135,8 @@ def compile_synchronized(jitted, *args, name: str):
 
     Processes finish compiling at different times; meeting first in the program's collectives would make the early
     ones wait there, and gloo's 30 s timeout on CPU would fail the run. The result is called with the non-static args.
+    It compiles with the product's XLA options (`mmard_jax.compilations.compiler_options`).
     """
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options=compilations.compiler_options())
     barrier(name)
     return compiled

@@ -87,3 +87,24 @@ def test_the_xla_conv_paths_benchmark_runs_tiny_and_its_two_xla_paths_agree(tmp_
     assert all(value > 0 for row in rows for value in row.ms.values())
     assert all(error < 1e-4 for row in rows for error in row.errors.values())
     assert "## 3." not in report.read_text()  # the train step part was left out (step_speed's tests run that step)
+
+
+def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change_at_most_rounding(
+    tmp_path, monkeypatch
+):
+    """benchmarks/step_compile_options.py at test sizes: both variants compiled and timed, and the product's first
+    update within float32 rounding of the one compiled with XLA's default options (LLVM level 1 vs 3)."""
+    import step_compile_options
+
+    from mmard_jax import compilations
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() may add a device count: restored after
+    report = tmp_path / "options.md"
+    argv = ["--tiny", "--method", "rslad", "--variants", "XLA defaults,product", "--pairs", "1", "--rounds", "1"]
+    results = step_compile_options.main([*argv, "--steps", "1", "--output", str(report)])["mnist/rslad"]
+    product, defaults = results["product"], results["XLA defaults"]
+    assert product.options == dict(compilations.CPU_COMPILER_OPTIONS) and defaults.options == {}
+    assert all(seconds > 0 for seconds in product.compile_seconds + defaults.compile_seconds + product.step_seconds)
+    assert len(product.first_update) == len(defaults.first_update) > 3
+    assert step_compile_options.largest_difference(defaults.first_update, product.first_update) < 1e-6
+    assert "| product (xla_backend_optimization_level=1) |" in report.read_text()

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmard_jax import compilations
 from mmard_jax.attacks.common import (
     ApplyFn,
     check_apply_fn,
@@ -36,28 +37,16 @@ N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the class
 # ----------------------------------------------------------------------------- compilation
 # XLA:CPU compiled a whole AutoAttack run's programs in about 60% of the time with its classic elemental emitters as
 # with its newer MLIR fusion emitters (7.3 s vs 12.6 s, one core, 100 digits, SmallCNN), and in two thirds of that
-# again with LLVM at optimisation level 1 instead of XLA's default 3 (12.1-12.4 s vs 16.7-18.9 s, compiled rounds
-# within noise: the time is in the convolution library calls, which LLVM does not generate; level 0 compiled in 4.6 s
-# but ran 2.5x slower). benchmarks/autoattack_compile_options.py measures the variants and checks that they give the
-# same bits (also checked on whole L2 and two-device runs).
-CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False), ("xla_backend_optimization_level", 1))
+# again with LLVM at optimisation level 1 (the product's CPU default, mmard_jax.compilations) instead of XLA's default
+# 3 (12.1-12.4 s vs 16.7-18.9 s, compiled rounds within noise; level 0 compiled in 4.6 s but ran 2.5x slower).
+# benchmarks/autoattack_compile_options.py measures the variants and checks that they give the same bits (also
+# checked on whole L2 and two-device runs). The classic emitters do not help the train step (it compiled slower).
+CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False), *compilations.CPU_COMPILER_OPTIONS)
 
 
-def _identity(x):
-    return x
-
-
-@functools.cache
 def compiler_options() -> dict | None:
     """The XLA options of the attacks' programs: CPU_COMPILER_OPTIONS on CPU (when this XLA knows them), else None."""
-    if jax.default_backend() != "cpu":
-        return None
-    options = dict(CPU_COMPILER_OPTIONS)
-    try:  # a tiny program: an XLA without these options refuses them
-        jax.jit(_identity, compiler_options=options).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError:
-        return None
-    return options
+    return compilations.compiler_options(CPU_COMPILER_OPTIONS)
 
 
 class _Jit:

@@ -1,0 +1,30 @@
+"""mmard_jax.compilations: the XLA options the product's programs compile with on CPU, and that the train step and
+evaluation programs (parallel.compile_synchronized) are compiled with them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmard_jax import compilations, parallel
+
+
+def test_cpu_programs_compile_at_llvm_level_1_and_options_this_xla_refuses_give_none():
+    assert jax.default_backend() == "cpu"
+    assert compilations.compiler_options() == {"xla_backend_optimization_level": 1}
+    assert compilations.compiler_options((("xla_no_such_option_for_this_test", 1),)) is None
+
+
+def _double_sum(x):
+    return jnp.sum(2.0 * x)
+
+
+def test_compile_synchronized_passes_the_products_options_to_xla(monkeypatch):
+    """An option XLA refuses makes the compilation fail, so the options reach XLA; with the product's own the compiled
+    program gives the plain jit's value."""
+    x = np.arange(6, dtype=np.float32)
+    compiled = parallel.compile_synchronized(jax.jit(_double_sum), x, name="test/options")
+    assert float(compiled(x)) == float(jax.jit(_double_sum)(x)) == 30.0
+    monkeypatch.setattr(compilations, "compiler_options", lambda: {"xla_no_such_option_for_this_test": 1})
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        parallel.compile_synchronized(jax.jit(_double_sum), x, name="test/refused")
