@@ -325,6 +325,7 @@ def main_cli(argv=None) -> str:
     """Runs the probe and writes the report (and its PNG); returns the report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = load_config(args.config)
+    main.use_default_host_devices(config)  # one XLA:CPU device per core, as training has: before JAX's backends start
     seed = config.seed if args.seed is None else args.seed
     dataset = load_dataset(config.data)
     mesh = parallel.make_mesh()

@@ -67,6 +67,14 @@ def initialize_distributed(parallel_cfg) -> None:
     if parallel_cfg.coordinator_address:
         if parallel_cfg.process_id > 0:  # process 0 starts the coordinator; the others must reach it
             wait_for_coordinator(parallel_cfg.coordinator_address, parallel_cfg.initialization_timeout_s)
+        elif parallel_cfg.process_id == 0:  # JAX ends process 0 with a C++ fatal error if a peer never comes
+            logger.info(
+                "jax.distributed: coordinator at %s, waiting up to %d s for all %s processes to join "
+                "(config.parallel.initialization_timeout_s)",
+                parallel_cfg.coordinator_address,
+                _seconds_left(deadline),
+                parallel_cfg.num_processes or "the",
+            )
         jax.distributed.initialize(
             coordinator_address=parallel_cfg.coordinator_address,
             num_processes=parallel_cfg.num_processes or None,

@@ -92,3 +92,24 @@ def test_cli_writes_the_table_and_the_plot(setup, tmp_path):
     for label in (inner_probe.NATURAL, "CE (ARD/IAD)", "RSLAD", "AdaAD (γ=0)"):
         assert f"| {label} |" in text
     assert (tmp_path / "results" / "probe.png").stat().st_size > 0
+
+
+def test_the_cli_gives_the_probe_one_device_per_core_as_training_has(monkeypatch):
+    """The CLI sets main's host device count before JAX's backends start (here: before the data loads, where the
+    test stops it); in the test process JAX runs already, so the flag is only read back."""
+    from mmard_jax import host_devices
+
+    class Stop(Exception):
+        pass
+
+    def stop(_):
+        raise Stop
+
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv(host_devices.CHOICE_VARIABLE, raising=False)
+    monkeypatch.setattr(inner_probe, "load_dataset", stop)
+    with pytest.raises(Stop):
+        inner_probe.main_cli(["--config", TINY, "--teacher", "unused", "--student", "init"])
+    config = inner_probe.load_config(TINY)
+    batches = (config.optim.batch_size, config.teacher.optim.batch_size, config.eval.batch_size)
+    assert os.environ["XLA_FLAGS"] == f"{host_devices.DEVICE_COUNT_FLAG}={host_devices.default_host_devices(batches)}"
