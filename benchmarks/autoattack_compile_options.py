@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
+from benchmark_report import (  # noqa: E402
+    cpu_times,
+    format_load,
+    format_options,
+    format_steal,
+    joined,
+    load_contention,
+    publish,
+    wait_for_quiet,
+)
 
 CLASSIC_EMITTERS = (("xla_cpu_use_fusion_emitters", False),)
 VARIANTS = {  # name: the options, or None for the product's own CPU_COMPILER_OPTIONS
@@ -93,10 +102,6 @@ def spawn(name: str, folder: Path) -> tuple[dict, dict]:
     return report, dict(np.load(output))
 
 
-def _joined(values, digits: int = 1) -> str:
-    return ", ".join(f"{value:.{digits}f}" for value in values)
-
-
 def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
     rows = [
         "| variant (options) | compile s per first round | first round wall s | compiled round wall s | programs |",
@@ -104,9 +109,9 @@ def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
     ]
     for name, runs in reports.items():
         firsts, seconds = [r["rounds"][0] for r in runs], [r["rounds"][1] for r in runs]
-        options = ", ".join(f"{k}={v}" for k, v in runs[0]["options"].items()) or "none"
-        compile_s = _joined(r["compile"] for r in firsts)
-        first_wall, compiled_wall = _joined(r["wall"] for r in firsts), _joined(r["wall"] for r in seconds)
+        options = format_options(runs[0]["options"])
+        compile_s = joined(r["compile"] for r in firsts)
+        first_wall, compiled_wall = joined(r["wall"] for r in firsts), joined(r["wall"] for r in seconds)
         rows.append(f"| {name} ({options}) | {compile_s} | {first_wall} | {compiled_wall} | {firsts[0]['programs']} |")
     return rows
 
@@ -123,8 +128,8 @@ def ratios(reports: dict[str, list[dict]]) -> list[str]:
         first = [r["rounds"][0]["wall"] / p["rounds"][0]["wall"] for r, p in pairs]
         compiled = [r["rounds"][1]["wall"] / p["rounds"][1]["wall"] for r, p in pairs]
         lines.append(
-            f"- {name} ÷ product, per pair: compile time {_joined(compile_ratio, 2)}; first round {_joined(first, 2)}; "
-            f"compiled round {_joined(compiled, 2)} (median {statistics.median(compiled):.2f})"
+            f"- {name} ÷ product, per pair: compile time {joined(compile_ratio, 2)}; first round {joined(first, 2)}; "
+            f"compiled round {joined(compiled, 2)} (median {statistics.median(compiled):.2f})"
         )
     return lines
 
@@ -141,7 +146,7 @@ def main() -> None:
     parser.add_argument("--square-queries", type=int, help="Square's budget (default: the standard 5,000)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoattack_compile_options.md"))
+    parser.add_argument("--output", default="benchmarks/results/autoattack_compile_options.md", help="'' = print only")
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -16,6 +16,16 @@ def publish(report: str, path: str | Path | None) -> None:
         path.write_text(report, encoding="utf-8")
 
 
+def joined(values, digits: int = 1) -> str:
+    """``values`` as '1.2, 3.4' with ``digits`` decimals (one number per run or pair in a table cell)."""
+    return ", ".join(f"{value:.{digits}f}" for value in values)
+
+
+def format_options(options: dict) -> str:
+    """XLA compiler options as 'name=value, ...' ('none' for XLA's defaults)."""
+    return ", ".join(f"{name}={value}" for name, value in options.items()) or "none"
+
+
 def interleaved_medians(thunks: dict, repeats: int) -> dict:
     """Median seconds of each thunk over ``repeats`` turns in which every thunk runs once (interleaved: a busy spell
     hits all of them alike), after one warm-up call each."""

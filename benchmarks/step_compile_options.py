@@ -32,7 +32,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_speed  # noqa: E402
-from benchmark_report import cpu_times, format_load, format_steal, load_contention, publish, wait_for_quiet  # noqa: E402
+from benchmark_report import (  # noqa: E402
+    cpu_times,
+    format_load,
+    format_options,
+    format_steal,
+    joined,
+    load_contention,
+    publish,
+    wait_for_quiet,
+)
 
 from mmard_jax import compilations, parallel, train  # noqa: E402
 from mmard_jax.attacks.autoattack import common as attack_common  # noqa: E402
@@ -134,10 +143,6 @@ def same_bits(leaves, reference) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(leaves, reference, strict=True))
 
 
-def _joined(values, digits: int) -> str:
-    return ", ".join(f"{value:.{digits}f}" for value in values)
-
-
 def report_rows(results: dict[str, VariantResult]) -> list[str]:
     product = results[PRODUCT]
     rows = [
@@ -145,13 +150,13 @@ def report_rows(results: dict[str, VariantResult]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, result in results.items():
-        options = ", ".join(f"{key}={value}" for key, value in result.options.items()) or "none"
+        options = format_options(result.options)
         if same_bits(result.first_update, product.first_update):
             agreement = "same bits"
         else:
             agreement = f"differs, max abs {largest_difference(result.first_update, product.first_update):.1e}"
         rows.append(
-            f"| {name} ({options}) | {_joined(result.compile_seconds, 2)} | "
+            f"| {name} ({options}) | {joined(result.compile_seconds, 2)} | "
             f"{statistics.median(result.step_seconds):.4g} | {min(result.step_seconds):.4g} | {agreement} |"
         )
     rows.append("")
@@ -161,7 +166,7 @@ def report_rows(results: dict[str, VariantResult]) -> list[str]:
         compile_ratio = [a / b for a, b in zip(result.compile_seconds, product.compile_seconds, strict=True)]
         step_ratio = statistics.median(result.step_seconds) / statistics.median(product.step_seconds)
         rows.append(
-            f"- {name} ÷ product: compile time {_joined(compile_ratio, 2)} (each pair); median step {step_ratio:.2f}"
+            f"- {name} ÷ product: compile time {joined(compile_ratio, 2)} (each pair); median step {step_ratio:.2f}"
         )
     return rows
 
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None, *, may_reexec: bool = False) -> dict[str
     cores = len(os.sched_getaffinity(0))
     wait_for_quiet(cores, args.settle)
     load_before, times_before = os.getloadavg(), cpu_times()
-    lines, everything, busy = [], {}, 0.0
+    lines, everything = [], {}
     for setting in (s.strip() for s in args.setting.split(",")):
         for method in speed_args.methods:
             config, shape, what = step_speed.benchmark_config(speed_args, setting)
@@ -185,7 +190,6 @@ def main(argv: list[str] | None = None, *, may_reexec: bool = False) -> dict[str
             steps = args.steps or DEFAULT_STEPS[setting]
             results = measure(side, args.variant_names, args, steps)
             everything[f"{setting}/{method}"] = results
-            busy = step_speed.recent_busy_cores([r for result in results.values() for r in result.rounds])
             attack = side.spec.attack
             lines += [
                 f"## {what}: {method}",
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None, *, may_reexec: bool = False) -> dict[str
                 "",
             ]
     load_after, times_after = os.getloadavg(), cpu_times()
-    verdict = load_contention(load_before, load_after, min(busy, cores), cores)
+    last_rounds = [r for result in results.values() for r in result.rounds]  # what the 1-minute load last saw of us
+    verdict = load_contention(load_before, load_after, min(step_speed.recent_busy_cores(last_rounds), cores), cores)
     header = [
         "# Train-step compile time and speed under XLA:CPU options (ours only)",
         "",
