@@ -34,7 +34,6 @@ import argparse
 import ast
 import dataclasses
 import datetime
-import functools
 import gc
 import importlib.util
 import os
@@ -397,8 +396,7 @@ def run_once(fn, *args):
 
 
 def fresh_variables(module, seed: int, image_shape) -> dict:
-    """networks.init_variables as one program (run eagerly, each initializer op compiles on its own)."""
-    return run_once(functools.partial(init_variables, module, image_shape=tuple(image_shape)), jax.random.PRNGKey(seed))
+    return init_variables(module, jax.random.PRNGKey(seed), image_shape)
 
 
 def build_jax_side(config, method: str, image_shape, devices: int) -> JaxSide:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -36,6 +36,35 @@ def compiler_options(cpu_options: tuple[tuple[str, object], ...] = CPU_COMPILER_
     except jax.errors.JaxRuntimeError:
         return None
     return options
+
+
+class LazyJit:
+    """``jax.jit(fun, static_argnames=...)`` compiled with ``options()`` (default `compiler_options`), built at the
+    first call: the backend is only looked at then (importing a module must not start JAX's backends, e.g. before
+    jax.distributed)."""
+
+    def __init__(self, fun, static_argnames: tuple[str, ...], options: Callable[[], dict | None] = compiler_options):
+        self._fun, self._static_argnames, self._options, self._jitted = fun, static_argnames, options, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(self._fun, static_argnames=self._static_argnames, compiler_options=self._options())
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """The program for these arguments, as `jax.jit(...).lower` gives it (e.g. to read its compiled HLO)."""
+        return self._get().lower(*args, **kwargs)
+
+
+def jit(fun=None, *, static_argnames=(), options: Callable[[], dict | None] = compiler_options):
+    """Decorator: `jax.jit` compiled with ``options()`` (see `LazyJit`); the product's CPU options by default."""
+    if fun is None:
+        return functools.partial(jit, static_argnames=static_argnames, options=options)
+    return LazyJit(fun, tuple(static_argnames), options)
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

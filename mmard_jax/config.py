@@ -603,7 +603,7 @@ def _abstract_init(module, image_shape: tuple[int, int, int]) -> None:
 
     from mmard_jax import networks
 
-    jax.eval_shape(lambda: networks.init_variables(module, jax.random.PRNGKey(0), image_shape))
+    jax.eval_shape(lambda: networks.initial_variables(module, jax.random.PRNGKey(0), image_shape))
 
 
 def _training_batches(config, plan: RunPlan) -> tuple[tuple[str, int], ...]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmard_jax import checkpoint as ckpt_lib
+from mmard_jax import compilations
 from mmard_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,15 +39,30 @@ def build_module(model_cfg, num_classes: int, *, dtype: str = "float32", bn_axis
     )
 
 
-def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]) -> dict:
-    """Fresh variables for one image shape (H, W, C); 'batch_stats' is {} for models without BatchNorm."""
+def initial_variables(module: nn.Module, key, image_shape: tuple[int, ...]) -> dict:
+    """Fresh variables for one image shape (H, W, C); 'batch_stats' is {} for models without BatchNorm. Traceable (for
+    use inside jit or eval_shape); at top level call `init_variables`, which compiles it as one program."""
     variables = module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+_compiled_initial_variables = compilations.jit(initial_variables, static_argnames=("module", "image_shape"))
+
+
+def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]) -> dict:
+    """`initial_variables` as one compiled program (not inside another jit: it carries its own compiler options).
+
+    Flax's initialisers run op by op otherwise, and on CPU those dozens of small programs compiled at XLA's default
+    level took seconds (3.9 s for a one-layer CNN, 14 s for ResNet-18, against 0.5 s and 3 s as one program). The
+    values are bit-identical for ResNet-18, PreAct ResNet-18, MobileNetV2 and the CNNs; the untruncated He-normal
+    kernels of SmallCNN and the WideResNets differ from the op-by-op ones in the last bit (fused float32 rounding).
+    """
+    return _compiled_initial_variables(module, key, image_shape=tuple(image_shape))
+
+
 def abstract_variables(module: nn.Module, image_shape: tuple[int, int, int]) -> dict:
     """Shapes and dtypes of :func:`init_variables`, without computing anything."""
-    return jax.eval_shape(functools.partial(init_variables, module, image_shape=image_shape), jax.random.PRNGKey(0))
+    return jax.eval_shape(functools.partial(initial_variables, module, image_shape=image_shape), jax.random.PRNGKey(0))
 
 
 def inference_logits(module: nn.Module, variables, x):

@@ -14,6 +14,20 @@ from mmard_jax import storage
 METRICS_FILE = "metrics.jsonl"
 
 
+def import_tensorboardx():
+    """tensorboardX (event files without TensorFlow), imported without PyTorch. Its writer imports torch when it is
+    installed, only to accept torch tensors, and that took ~4 s of every run's start-up; we pass Python numbers."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX
+
+
 class MetricsLog:
     """Appends {'kind', 'step', ...values} lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
@@ -30,10 +44,9 @@ class MetricsLog:
             # A kill mid-write may have left half a record: the appender starts ours on a line of their own.
             self._file = storage.LineAppender(self.path)
             if tensorboard:
-                from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
+                tensorboardx = import_tensorboardx()
                 storage.register_tensorboard_remote_writers()
-                self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
+                self._tb = tensorboardx.SummaryWriter(os.fspath(directory / "tensorboard"))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:

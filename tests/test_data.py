@@ -328,6 +328,16 @@ def test_bundled_split_is_deterministic_and_stratified(source, shape, test_size)
     assert first.train.images.max() == 255 and first.train.images.dtype == np.uint8
 
 
+def test_digits_are_scikit_learns_load_digits_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    images, labels = sources._digits_arrays()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+    assert images.shape == (1797, 8, 8) and labels.dtype == reference.target.dtype
+
+
 def test_stratified_split_uneven_share_and_bad_size():
     labels = np.repeat(np.arange(3), [5, 7, 9])
     train, test = sources.stratified_split(labels, 7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -207,6 +208,20 @@ def test_initialisers_follow_the_references():
     np.testing.assert_allclose(fc_kernel.std(), bound / np.sqrt(3.0), rtol=0.1)
     assert not np.any(np.asarray(params["fc"]["bias"]))
     np.testing.assert_array_equal(params["bn1"]["scale"], np.ones(256))
+
+
+def test_init_variables_compiles_one_program_with_the_values_of_op_by_op_initialisation():
+    from mmard_jax import compilations, networks
+
+    module = create_model("cnn", 10, widths=(8, 16), hidden=32, use_bn=True)
+    key = fast_key(3)
+    compilations.compiler_options()  # its once-per-process probe compiles a program of its own
+    with compilations.recorded() as compiled:
+        variables = networks.init_variables(module, key, (12, 12, 1))
+    assert [name for name, _ in compiled] == ["jit(initial_variables)"]
+    expected = networks.initial_variables(module, key, (12, 12, 1))  # op by op
+    chex.assert_trees_all_equal(variables, expected)
+    assert set(variables) == {"params", "batch_stats"} and variables["batch_stats"]
 
 
 @pytest.mark.parametrize("name,kwargs", BN_MODELS)

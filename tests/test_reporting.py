@@ -60,3 +60,26 @@ def test_attack_keys_are_identical_across_processes():
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         outputs.add(result.stdout.strip().splitlines()[-1])
     assert len(outputs) == 1, outputs
+
+
+def test_a_run_starts_without_importing_pytorch_or_scikit_learn(tmp_path):
+    """Both cost seconds at every start (tensorboardX imports torch when it is installed; sklearn imports SciPy and
+    pandas); a run on the digits with TensorBoard events needs neither."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("torch")  # installed, so tensorboardX would import it
+    pytest.importorskip("sklearn")
+    script = (
+        "import sys; from mmard_jax import reporting; from mmard_jax.config import base_config;"
+        "from mmard_jax.data import sources; config = base_config().data; config.source = config.name = 'digits';"
+        "assert sources.load_dataset(config).train.num_examples > 0;"
+        f"log = reporting.MetricsLog({str(tmp_path)!r}); log.write('epoch', 1, {{'loss': 1.0}}); log.close();"
+        "print(sorted(name for name in ('torch', 'sklearn') if name in sys.modules))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))

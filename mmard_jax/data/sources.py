@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.util
 import io
 import logging
 import os
@@ -164,14 +165,28 @@ def _load_mnist5k(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
     return train, test, 10
 
 
-def _load_digits(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits: float images 0..16 [1797, 8, 8] and int labels. Read from the CSV that scikit-learn ships,
+    as its `load_digits` reads it, without importing scikit-learn (~2.5 s of start-up, for pandas and SciPy); through
+    `load_digits` if that file is not where it was."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        csv = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(csv):
+            data = np.loadtxt(csv, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
-    digits = load_digits()  # float 0..16 [1797, 8, 8]
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def _load_digits(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
+    digit_images, labels = _digits_arrays()
+    images = np.rint(digit_images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     cap = int(DIGITS_MAX_TEST_FRACTION * images.shape[0])
     test_size = min(int(data_cfg.mnist5k_test_size), cap)
-    train, test = _split_in_memory(images, digits.target, test_size)
+    train, test = _split_in_memory(images, labels, test_size)
     return train, test, 10
 
 

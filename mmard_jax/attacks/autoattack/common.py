@@ -11,7 +11,6 @@ the new successes.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -49,34 +48,9 @@ def compiler_options() -> dict | None:
     return compilations.compiler_options(CPU_COMPILER_OPTIONS)
 
 
-class _Jit:
-    """``jax.jit(fun, static_argnames=...)`` with `compiler_options()`, built at the first call: the backend is
-    only looked at then (importing this module must not start JAX's backends, e.g. before jax.distributed)."""
-
-    def __init__(self, fun, static_argnames: tuple[str, ...]):
-        self._fun, self._static_argnames, self._jitted = fun, static_argnames, None
-        functools.update_wrapper(self, fun)
-
-    def _get(self):
-        if self._jitted is None:
-            self._jitted = jax.jit(
-                self._fun, static_argnames=self._static_argnames, compiler_options=compiler_options()
-            )
-        return self._jitted
-
-    def __call__(self, *args, **kwargs):
-        return self._get()(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        """The program for these arguments, as `jax.jit(...).lower` gives it (e.g. to read its compiled HLO)."""
-        return self._get().lower(*args, **kwargs)
-
-
 def jit(fun=None, *, static_argnames=()):
-    """Decorator: `jax.jit` for the attacks' programs (see `compiler_options`)."""
-    if fun is None:
-        return functools.partial(jit, static_argnames=static_argnames)
-    return _Jit(fun, tuple(static_argnames))
+    """Decorator: `jax.jit` for the attacks' programs, compiled with `compiler_options` (read at the first call)."""
+    return compilations.jit(fun, static_argnames=static_argnames, options=compiler_options)
 
 
 # Per-example keys (example index folded into the attack's key) and their derivations (a target rank, a restart):
