@@ -108,3 +108,15 @@ def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change
     assert len(product.first_update) == len(defaults.first_update) > 3
     assert step_compile_options.largest_difference(defaults.first_update, product.first_update) < 1e-6
     assert "| product (xla_backend_optimization_level=1) |" in report.read_text()
+
+
+def test_the_start_up_benchmark_runs_and_the_one_program_init_gives_the_op_by_op_bits(tmp_path):
+    """benchmarks/start_up.py's init case at the demo teacher's size: both ways in fresh processes, same bits."""
+    import start_up
+
+    report = tmp_path / "start_up.md"
+    results = start_up.main(["--cases", "init", "--models", "cnn", "--pairs", "1", "--output", str(report)])
+    result = results["initialise cnn"]
+    assert result["comparison"] == "same bits"
+    assert all(s > 0 for way in result["ways"] for s in result["seconds"][way])
+    assert "| initialise cnn |" in report.read_text()
