@@ -41,10 +41,12 @@ def compiler_options(cpu_options: tuple[tuple[str, object], ...] = CPU_COMPILER_
 class LazyJit:
     """``jax.jit(fun, static_argnames=...)`` compiled with ``options()`` (default `compiler_options`), built at the
     first call: the backend is only looked at then (importing a module must not start JAX's backends, e.g. before
-    jax.distributed)."""
+    jax.distributed). Called inside another transformation (jit, vmap, eval_shape: a traced argument), it is a plain
+    nested jit, compiled as part of the outer program (JAX takes compiler options at the top level only)."""
 
     def __init__(self, fun, static_argnames: tuple[str, ...], options: Callable[[], dict | None] = compiler_options):
         self._fun, self._static_argnames, self._options, self._jitted = fun, static_argnames, options, None
+        self._nested = jax.jit(fun, static_argnames=static_argnames)
         functools.update_wrapper(self, fun)
 
     def _get(self):
@@ -53,6 +55,8 @@ class LazyJit:
         return self._jitted
 
     def __call__(self, *args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)
         return self._get()(*args, **kwargs)
 
     def lower(self, *args, **kwargs):

@@ -50,7 +50,7 @@ _compiled_initial_variables = compilations.jit(initial_variables, static_argname
 
 
 def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]) -> dict:
-    """`initial_variables` as one compiled program (not inside another jit: it carries its own compiler options).
+    """`initial_variables` as one compiled program (inside another transformation, part of the outer one).
 
     Flax's initialisers run op by op otherwise, and on CPU those dozens of small programs compiled at XLA's default
     level took seconds: benchmarks/start_up.py measured 4.6-5.4 s against 1.1-1.3 s for the demo's CNN teacher,

@@ -28,3 +28,17 @@ def test_compile_synchronized_passes_the_products_options_to_xla(monkeypatch):
     monkeypatch.setattr(compilations, "compiler_options", lambda: {"xla_no_such_option_for_this_test": 1})
     with pytest.raises(jax.errors.JaxRuntimeError):
         parallel.compile_synchronized(jax.jit(_double_sum), x, name="test/refused")
+
+
+def test_a_product_jit_called_inside_another_transformation_becomes_part_of_it():
+    """JAX refuses compiler options on a nested jit; the product's jit then traces as a plain one."""
+
+    @compilations.jit(static_argnames=("power",))
+    def scaled(x, power):
+        return x**power * 2.0
+
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(scaled(x, power=2), [0.0, 2.0, 8.0])
+    np.testing.assert_array_equal(jax.jit(lambda v: scaled(v, power=2) + 1.0)(x), [1.0, 3.0, 9.0])
+    np.testing.assert_array_equal(jax.vmap(lambda v: scaled(v, power=3))(x), [0.0, 2.0, 16.0])
+    assert jax.eval_shape(lambda: scaled(jnp.ones((4, 2)), power=1)).shape == (4, 2)
