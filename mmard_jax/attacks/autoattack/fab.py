@@ -53,13 +53,18 @@ def _safe_div(num, den):
 
 
 def _binary_search(n_features: int, go_right) -> jax.Array:
-    """Reference bisection: ceil(log2 d) halvings of [0, d - 1], moving lb up where go_right(mid)."""
-    lb, ub = jnp.int32(0), jnp.int32(n_features - 1)
-    for _ in range(math.ceil(math.log2(n_features))):
+    """Reference bisection: ceil(log2 d) halvings of [0, d - 1], moving lb up where go_right(mid). A rolled loop:
+    unrolled, its ten halvings (MNIST) made FAB's step program compile in 1.5 s instead of 0.7 s (one core), for the
+    same bits (a whole AutoAttack run compared)."""
+
+    def halve(_, bounds):
+        lb, ub = bounds
         mid = (lb + ub) // 2
         right = go_right(mid)
-        lb, ub = jnp.where(right, mid, lb), jnp.where(right, ub, mid)
-    return lb
+        return jnp.where(right, mid, lb), jnp.where(right, ub, mid)
+
+    bounds = (jnp.int32(0), jnp.int32(n_features - 1))
+    return jax.lax.fori_loop(0, math.ceil(math.log2(n_features)), halve, bounds)[0]
 
 
 def project_hyperplane_linf(point: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
