@@ -69,13 +69,12 @@ def _child_init(way: str, model: str) -> tuple[float, object]:
 
 
 def _child_tensorboardx(way: str) -> tuple[float, object]:
+    from mmard_jax import reporting  # JAX, NumPy...: before the clock either way, as a run has them already
+
     start = time.perf_counter()
     if way == "plain import":
         import tensorboardX  # noqa: F401
     else:
-        from mmard_jax import reporting  # imports JAX: before the clock, as a run has it already
-
-        start = time.perf_counter()
         reporting.import_tensorboardx()
     return time.perf_counter() - start, []  # nothing to compare; whether torch came along is reported
 

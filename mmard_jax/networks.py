@@ -53,8 +53,8 @@ def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]) ->
     """`initial_variables` as one compiled program (inside another transformation, part of the outer one).
 
     Flax's initialisers run op by op otherwise, and on CPU those dozens of small programs compiled at XLA's default
-    level took seconds: benchmarks/start_up.py measured 4.6-5.4 s against 1.1-1.3 s for the demo's CNN teacher,
-    13-14 s against 3.6-4.3 s for ResNet-18 and 2x for WRN-34-10. The values are bit-identical for ResNet-18, PreAct
+    level took seconds: benchmarks/start_up.py measured 4.3-4.6 s against 1.0-1.1 s for the demo's CNN teacher,
+    12-14 s against 3.8-4.3 s for ResNet-18 and 2.2x for WRN-34-10. The values are bit-identical for ResNet-18, PreAct
     ResNet-18, MobileNetV2 and the CNNs; the untruncated He-normal kernels of SmallCNN and the WideResNets differ from
     the op-by-op ones in the last bit (fused float32 rounding; 3e-8 at most for WRN-34-10).
     """

@@ -16,7 +16,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def import_tensorboardx():
     """tensorboardX (event files without TensorFlow), imported without PyTorch. Its writer imports torch when it is
-    installed, only to accept torch tensors, and that took 2 s of every run's start-up (benchmarks/start_up.py); we
+    installed, only to accept torch tensors, and that took 2-3 s of every run's start-up (benchmarks/start_up.py); we
     pass Python numbers."""
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects

@@ -167,7 +167,7 @@ def _load_mnist5k(data_cfg: Any) -> tuple[ArraySource, ArraySource, int]:
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's digits: float images 0..16 [1797, 8, 8] and int labels. Read from the CSV that scikit-learn ships,
-    as its `load_digits` reads it, without importing scikit-learn (2.2 s of start-up for SciPy and pandas,
+    as its `load_digits` reads it, without importing scikit-learn (2.6-3 s of start-up for SciPy and pandas,
     benchmarks/start_up.py); through `load_digits` if that file is not where it was."""
     spec = importlib.util.find_spec("sklearn")
     if spec is not None and spec.submodule_search_locations:
