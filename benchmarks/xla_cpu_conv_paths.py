@@ -1,14 +1,17 @@
-"""Where XLA:CPU loses to PyTorch in ResNet-18's gradients, and whether XLA's other convolution library helps.
+"""Where XLA:CPU loses to PyTorch in ResNet-18's gradients, and how the product picks a convolution library.
 
 XLA:CPU (jaxlib 0.10) hands convolutions and dots to YNNPACK fusions by default; the compiler option
-``xla_cpu_experimental_ynn_fusion_type=""`` sends them to its Eigen kernels instead. In one process, interleaved, this
-times each of: XLA with YNNPACK (the default), XLA with Eigen, and eager PyTorch on the same shapes and weights:
+``xla_cpu_experimental_ynn_fusion_type=""`` sends them all to its Eigen kernels instead. The product's models choose
+per convolution (``mmard_jax.models.convolution``: Eigen for kernel gradients and for output grids up to 16x16,
+YNNPACK for the rest). In one process, interleaved, this times each of: XLA with YNNPACK (the default), XLA with
+Eigen, the product's per-convolution choice, and eager PyTorch on the same shapes and weights:
 
 1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient;
 2. ResNet-18 on a CIFAR-shaped batch: the input gradient (what each PGD step computes) and the gradient of parameters
    and input together (the outer step), BatchNorm in eval and in train mode;
-3. the product's CIFAR-shaped train step (benchmarks/step_speed.py's, RSLAD by default), the same lowered program
-   compiled both ways (no PyTorch side: step_speed.py measures that ratio).
+3. the product's CIFAR-shaped train step (benchmarks/step_speed.py's, RSLAD by default), lowered with XLA's own
+   convolutions and compiled both ways, and lowered with the product's (no PyTorch side: step_speed.py measures
+   that ratio).
 
 Parts 1-2 also give each XLA path's error: its float32 result against the same program run in float64
 (``||float32 - float64|| / ||float64||`` over all outputs).
@@ -22,6 +25,7 @@ Usage (``--tiny`` shrinks every size, for the CI smoke test):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -34,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmard_jax import host_devices  # noqa: E402  (no JAX import: sets the device count before JAX starts)
 
 EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
-XLA_PATHS = {"XLA, YNNPACK (default)": {}, "XLA, Eigen": EIGEN}
+PRODUCT = "mmard_jax, per convolution"
+# name: (whose convolutions the program is traced with, XLA compiler options)
+XLA_PATHS = {"XLA, YNNPACK (default)": ("xla", {}), "XLA, Eigen": ("xla", EIGEN), PRODUCT: ("product", {})}
 TORCH = "PyTorch"
 TINY_CNN = {"widths": (8, 16), "use_bn": True}  # --tiny: a BatchNorm CNN with a PyTorch twin
 
@@ -66,15 +72,52 @@ def float64_result(fn, args):
         return jax.tree.map(np.asarray, jax.jit(fn)(*wide))
 
 
-def compiled_thunks(fn, args, reference) -> tuple[dict, dict]:
-    """``fn(*args)`` compiled once per XLA path: thunks that wait for the result, and each path's `relative_error`
-    against ``reference`` (the same computation in float64)."""
+def conv_function(kind: str):
+    """The convolution a path traces with: ``lax.conv_general_dilated`` ('xla') or the product's ('product')."""
     import jax
 
-    lowered = jax.jit(fn).lower(*args)
+    from mmard_jax.models import convolution
+
+    return {"xla": jax.lax.conv_general_dilated, "product": convolution.conv_general_dilated}[kind]
+
+
+@contextlib.contextmanager
+def model_convolutions(kind: str):
+    """The product's models trace with ``conv_function(kind)`` inside this block."""
+    from mmard_jax.models import layers
+
+    saved = layers.ImageClassifier.conv_op
+    layers.ImageClassifier.conv_op = conv_function(kind)
+    try:
+        yield
+    finally:
+        layers.ImageClassifier.conv_op = saved
+
+
+def lowered_per_kind(make_fn, args) -> dict:
+    """``jax.jit(make_fn(kind)).lower(*args)`` for each kind of convolution the paths use, models included.
+
+    JAX's caches are emptied before each: a model's convolution is a class attribute, which JAX's trace cache does
+    not see, so the same function would otherwise come back traced with the first kind's convolutions."""
+    import jax
+
+    lowered = {}
+    for kind in dict.fromkeys(kind for kind, _ in XLA_PATHS.values()):
+        jax.clear_caches()
+        with model_convolutions(kind):
+            lowered[kind] = jax.jit(make_fn(kind)).lower(*args)
+    return lowered
+
+
+def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:
+    """``make_fn(kind)(*args)`` compiled once per XLA path: thunks that wait for the result, and each path's
+    `relative_error` against ``reference`` (the same computation in float64)."""
+    import jax
+
+    lowered = lowered_per_kind(make_fn, args)
     thunks, errors = {}, {}
-    for name, options in XLA_PATHS.items():
-        executable = lowered.compile(compiler_options=options)
+    for name, (kind, options) in XLA_PATHS.items():
+        executable = lowered[kind].compile(compiler_options=options)
         errors[name] = relative_error(executable(*args), reference)
         thunks[name] = lambda executable=executable: jax.block_until_ready(executable(*args))
     return thunks, errors
@@ -87,17 +130,18 @@ class Measurement:
     errors: dict  # per XLA path: `relative_error` of its float32 result against the float64 one
 
     def row(self) -> str:
-        """``| label | ms per side ... | PyTorch / default | PyTorch / Eigen | errors |`` (> 1: XLA faster)."""
-        default, eigen, torch_ms = (self.ms[name] for name in (*XLA_PATHS, TORCH))
-        cells = " | ".join(f"{value:.1f}" for value in (default, eigen, torch_ms))
+        """``| label | ms per side ... | PyTorch / each XLA path ... | errors |`` (ratios > 1: XLA faster)."""
+        torch_ms = self.ms[TORCH]
+        cells = " | ".join(f"{self.ms[name]:.1f}" for name in (*XLA_PATHS, TORCH))
+        ratios = " | ".join(f"{torch_ms / self.ms[name]:.2f}x" for name in XLA_PATHS)
         errors = " / ".join(f"{self.errors[name]:.1e}" for name in XLA_PATHS)
-        return f"| {self.label} | {cells} | {torch_ms / default:.2f}x | {torch_ms / eigen:.2f}x | {errors} |"
+        return f"| {self.label} | {cells} | {ratios} | {errors} |"
 
 
 TABLE_HEAD = [
     f"| what | {' (ms) | '.join((*XLA_PATHS, TORCH))} (ms) | PyTorch / XLA default | PyTorch / XLA Eigen "
-    "| error vs float64, default / Eigen |",
-    "|---|---|---|---|---|---|---|",
+    "| PyTorch / mmard_jax | error vs float64, default / Eigen / mmard_jax |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -115,27 +159,31 @@ def single_conv_rows(batch: int, size: int, channels: int, repeats: int) -> list
     w = (0.1 * rng.standard_normal((3, 3, channels, channels))).astype(np.float32)
     dy = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
 
-    def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def conv_of(kind):
+        def conv(x, w):
+            numbers = ("NHWC", "HWIO", "NHWC")
+            return conv_function(kind)(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+
+        return conv
 
     xt, wt = torch.tensor(x.transpose(0, 3, 1, 2).copy()), torch.tensor(w.transpose(3, 2, 0, 1).copy())
     dyt = torch.tensor(dy.transpose(0, 3, 1, 2).copy())
     passes = {
-        "forward": (conv, (x, w), lambda: torch.nn.functional.conv2d(xt, wt, padding=1)),
+        "forward": (conv_of, (x, w), lambda: torch.nn.functional.conv2d(xt, wt, padding=1)),
         "input gradient": (
-            lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[0],
+            lambda kind: lambda x, w, dy: jax.vjp(conv_of(kind), x, w)[1](dy)[0],
             (x, w, dy),
             lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dyt, padding=1),
         ),
         "weight gradient": (
-            lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[1],
+            lambda kind: lambda x, w, dy: jax.vjp(conv_of(kind), x, w)[1](dy)[1],
             (x, w, dy),
             lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, padding=1),
         ),
     }
     rows = []
-    for name, (fn, args, torch_fn) in passes.items():
-        thunks, errors = compiled_thunks(fn, args, float64_result(fn, args))
+    for name, (make_fn, args, torch_fn) in passes.items():
+        thunks, errors = compiled_thunks(make_fn, args, float64_result(make_fn("xla"), args))
         ms = median_ms({**thunks, TORCH: torch_fn}, repeats)
         rows.append(Measurement(f"conv 3x3, {size}x{size}x{channels}, {name}", ms, errors))
     return rows
@@ -192,9 +240,10 @@ def network_rows(model_name: str, model_kwargs: dict, batch: int, image_size: in
                 (net(x_in) * torch_weights).sum().backward()
 
             net.train(train)
-            reference = float64_result(jax.grad(weighted_logits_loss(wide_module, train), argnums=argnums), args)
+            with model_convolutions("xla"):
+                reference = float64_result(jax.grad(weighted_logits_loss(wide_module, train), argnums=argnums), args)
             gradient = jax.grad(weighted_logits_loss(module, train), argnums=argnums)
-            thunks, errors = compiled_thunks(gradient, args, reference)
+            thunks, errors = compiled_thunks(lambda kind, gradient=gradient: gradient, args, reference)
             ms = median_ms({**thunks, TORCH: torch_pass}, repeats)
             mode = "train" if train else "eval"
             rows.append(Measurement(f"{model_name}, batch {batch}, BatchNorm {mode}: {what}", ms, errors))
@@ -206,7 +255,7 @@ def network_rows(model_name: str, model_kwargs: dict, batch: int, image_size: in
 # ----------------------------------------------------------------------------------------------------------------
 def train_step_row(method: str, tiny: bool, repeats: int) -> str:
     """The step_speed.py CIFAR-shaped step, compiled per XLA path: median ms and how far the first step's metrics
-    (loss, accuracies, norms) differ between the paths."""
+    (loss, accuracies, norms) of the Eigen and the product's path differ from the default's."""
     import jax
     import step_speed
 
@@ -215,20 +264,23 @@ def train_step_row(method: str, tiny: bool, repeats: int) -> str:
     args = step_speed.parse_args(["--setting", "cifar", "--method", method, *(["--tiny"] if tiny else [])])
     config, shape, what = step_speed.benchmark_config(args, "cifar")
     side = step_speed.build_jax_side(config, method, shape, jax.device_count())
-    lowered = train.make_train_step(side.spec, side.mesh).lower(side.state, side.teacher_vars, side.images, side.labels)
+    step = train.make_train_step(side.spec, side.mesh)
+    lowered = lowered_per_kind(lambda kind: step, (side.state, side.teacher_vars, side.images, side.labels))
     thunks, first_metrics = {}, {}
-    for name, options in XLA_PATHS.items():
-        compiled = step_speed.Compiled(lowered.compile(compiler_options=options), 0.0, 0.0)
+    for name, (kind, options) in XLA_PATHS.items():
+        compiled = step_speed.Compiled(lowered[kind].compile(compiler_options=options), 0.0, 0.0)
         own_state = jax.tree.map(lambda leaf: leaf.copy(), side.state)  # each path's runner donates its own copy
         thunks[name] = step_speed.jax_runner(dataclasses.replace(side, state=own_state), compiled)
         first_metrics[name] = thunks[name]()
     ms = median_ms(thunks, repeats)
-    default, eigen = (ms[name] for name in XLA_PATHS)
-    difference = relative_error(*reversed(first_metrics.values()))
+    default, eigen, product = (ms[name] for name in XLA_PATHS)
+    reference = first_metrics["XLA, YNNPACK (default)"]
+    differences = [relative_error(first_metrics[name], reference) for name in ("XLA, Eigen", PRODUCT)]
     batch = config.optim.batch_size
     return (
         f"| {what}, {method}, batch {batch}, {jax.device_count()} device(s) | {default:.0f} | {eigen:.0f} "
-        f"| {default / eigen:.2f}x | {difference:.1e} |"
+        f"| {product:.0f} | {default / eigen:.2f}x | {default / product:.2f}x "
+        f"| {differences[0]:.1e} / {differences[1]:.1e} |"
     )
 
 
@@ -262,7 +314,7 @@ def main(argv=None) -> list[Measurement]:
     contended = load_contention(load_before, load_after, own_after=float(cores), cores=cores)  # all cores were ours
     command = " ".join(["python benchmarks/xla_cpu_conv_paths.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
-        "# XLA:CPU's convolution paths (YNNPACK default vs Eigen) against PyTorch",
+        "# XLA:CPU's convolution paths (YNNPACK default, Eigen, the product's per-convolution choice) against PyTorch",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; command: `{command.strip()}`",
         f"- machine: {platform.machine()}, {cores} usable CPU cores; jax {jax.__version__} "
@@ -280,11 +332,11 @@ def main(argv=None) -> list[Measurement]:
     if step:
         lines += [
             "",
-            "## 3. The product's train step, one lowered program compiled both ways",
+            "## 3. The product's train step: XLA's convolutions compiled both ways, and the product's",
             "",
-            "| step | XLA default (ms) | XLA Eigen (ms) | default / Eigen | first step's metrics, Eigen vs default: "
-            "relative difference |",
-            "|---|---|---|---|---|",
+            "| step | XLA default (ms) | XLA Eigen (ms) | mmard_jax (ms) | default / Eigen | default / mmard_jax "
+            "| first step's metrics vs default: relative difference, Eigen / mmard_jax |",
+            "|---|---|---|---|---|---|---|",
             *step,
         ]
     publish("\n".join([*lines, ""]), args.out)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmard_jax import checks
+from mmard_jax.models import convolution
 
 Dtype = Any
 ModuleDef = Any
@@ -74,6 +75,11 @@ class ImageClassifier(nn.Module):
     torch_sequentials: ClassVar[frozenset[str] | None] = None
     # (key prefix, why) of PyTorch state-dict entries the reference definition holds but never uses.
     torch_unused: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The convolution every ``conv_def`` layer runs: ``lax.conv_general_dilated``'s values and gradients, on CPU
+    # through the faster of XLA's two convolution libraries per convolution. Setting it to
+    # ``jax.lax.conv_general_dilated`` (before tracing) gives XLA's own choice (benchmarks compare the two) and
+    # forward-mode autodiff (``jax.jvp``), which the product's custom-gradient convolution does not support.
+    conv_op: ClassVar[Any] = staticmethod(convolution.conv_general_dilated)
 
     def __post_init__(self) -> None:
         checks.positive_int("num_classes", self.num_classes)
@@ -95,9 +101,10 @@ class ImageClassifier(nn.Module):
         return x.astype(self.dtype)
 
     def conv_def(self, kernel_init: Any = TORCH_DEFAULT_INIT, use_bias: bool = False) -> ModuleDef:
-        """``nn.Conv`` with this model's dtypes; bias-free by default (as before BatchNorm)."""
+        """``nn.Conv`` with this model's dtypes and ``conv_op``; bias-free by default (as before BatchNorm)."""
         return functools.partial(
             nn.Conv,
+            conv_general_dilated=type(self).conv_op,  # through the class: a plain function set there stays unbound
             use_bias=use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -1,0 +1,201 @@
+"""``lax.conv_general_dilated`` that picks, per convolution, the faster of XLA:CPU's two convolution libraries.
+
+XLA:CPU hands every convolution it can to YNNPACK and the rest to its Eigen kernels. YNNPACK loses clearly on
+two kinds (measured in ``benchmarks/xla_cpu_conv_paths.py``): kernel (weight) gradients, 1.5-3.3x slower (that
+gradient is a convolution whose "kernel" is the whole output gradient and whose output is the small tap grid),
+and convolutions with a small output grid (ResNet-18's 16x16 to 4x4 stages, 1.3-1.7x slower). YNNPACK declines
+any convolution with an input (base) dilation, and any with 16 channels or fewer on both sides; Eigen takes them.
+So those passes are written here as the same sum with the input rows dilated by 2, the kernel rows dilated by 2
+more and a row stride twice the original (``rows_dilated``): output row ``o`` then reads dilated row
+``2(t o + r i - p)``, which is input row ``t o + r i - p``, the original element. Same products, Eigen's kernel.
+(Convolutions with 16 channels or fewer run in Eigen as they are, so only their kernel gradients are rewritten.)
+
+Only on CPU (``lax.platform_dependent``); on GPU and TPU every pass is autodiff's own. The custom gradient
+covers float32 2-D NHWC / HWIO convolutions without dilation or groups (every convolution of the shipped
+models except MobileNetV2's depthwise ones); anything else is ``lax.conv_general_dilated`` unchanged.
+``conv_general_dilated`` has ``lax.conv_general_dilated``'s signature, so Flax's ``nn.Conv`` takes it as its
+``conv_general_dilated`` field. Being a ``jax.custom_vjp``, it supports reverse mode (``jax.grad``, also nested) but
+not forward mode (``jax.jvp``, ``jax.jacfwd``): for those, trace the models with ``lax.conv_general_dilated``
+(``ImageClassifier.conv_op``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+# The kernel gradient as a convolution: the input's channels are its batch, the examples its features, the
+# output gradient its kernel; the result comes out as (kh, kw, in, out).
+KERNEL_GRADIENT = ("CHWN", "IHWO", "HWNC")
+# Output grids up to this many positions (16x16) go to Eigen on CPU. At 32x32 the two libraries are close, and
+# sending those to Eigen too made the CIFAR-shaped step slower, not faster.
+EIGEN_MAX_OUTPUT_AREA = 256
+# XLA:CPU keeps convolutions with at most this many input and output channels away from YNNPACK.
+YNNPACK_DECLINES_UP_TO_CHANNELS = 16
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def rows_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    strides: tuple[int, int],
+    pads: Pads,
+    rhs_dilation: tuple[int, int] = (1, 1),
+    dimension_numbers: Any = NHWC_HWIO,
+    precision: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=...)`` in a form YNNPACK declines.
+
+    The first spatial axis gets input dilation 2, twice the kernel dilation, twice the stride and twice the
+    padding: every output element is the same sum of the same products, and the output has the same size.
+    """
+    (low, high), cols = pads
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides=(2 * strides[0], strides[1]),
+        padding=((2 * low, 2 * high), cols),
+        lhs_dilation=(2, 1),
+        rhs_dilation=(2 * rhs_dilation[0], rhs_dilation[1]),
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+    )
+
+
+def _autodiff(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC_HWIO, precision=precision)
+
+
+def prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
+    """Whether a forward / input-gradient convolution with this NHWC output and HWIO kernel is better written for
+    Eigen (on CPU): a small output grid, and more than 16 channels on one side (with fewer, YNNPACK declines it and
+    the plain op runs in Eigen already, without the dilated form's overhead)."""
+    small_grid = output_shape[1] * output_shape[2] <= EIGEN_MAX_OUTPUT_AREA
+    return small_grid and max(kernel_shape[2], kernel_shape[3]) > YNNPACK_DECLINES_UP_TO_CHANNELS
+
+
+def _forward_cpu(x, kernel, strides, pads, precision):
+    out_shape = jax.eval_shape(lambda: _autodiff(x, kernel, strides, pads, precision)).shape
+    if prefers_eigen(out_shape, kernel.shape):
+        return rows_dilated(x, kernel, strides, pads, precision=precision)
+    return _autodiff(x, kernel, strides, pads, precision)
+
+
+def _forward(x, kernel, strides, pads, precision):
+    return lax.platform_dependent(
+        x,
+        kernel,
+        cpu=functools.partial(_forward_cpu, strides=strides, pads=pads, precision=precision),
+        default=functools.partial(_autodiff, strides=strides, pads=pads, precision=precision),
+    )
+
+
+def kernel_gradient(x, dy, strides: tuple[int, int], pads: Pads, kernel_hw: tuple[int, int], precision: Any = None):
+    """d(sum(dy * conv(x, k)))/dk (HWIO) as a convolution that XLA:CPU gives to Eigen.
+
+    Tap (a, b) of the gradient is ``sum_{n,i,j} xpad[n, s_h i + a, s_w j + b, c] * dy[n, i, j, o]``: a
+    convolution of ``x`` with ``dy`` (dilated by the stride) over the batch. A strided forward pass can leave a
+    partial tap grid beyond the kernel; it is cut off.
+    """
+    grad = rows_dilated(
+        x, dy, (1, 1), pads, rhs_dilation=strides, dimension_numbers=KERNEL_GRADIENT, precision=precision
+    )
+    return grad[: kernel_hw[0], : kernel_hw[1]]
+
+
+def input_gradient(dy, kernel, pads: Pads, precision: Any = None):
+    """d(sum(dy * conv(x, k)))/dx of a stride-1 convolution, as a convolution that XLA:CPU gives to Eigen: the
+    output gradient convolved with the flipped, in/out-swapped kernel, padded by ``k - 1 - p`` on each side."""
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    (top, bottom), (left, right) = pads
+    return rows_dilated(
+        dy, flipped, (1, 1), ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any = None):
+    """An NHWC x HWIO convolution; on CPU each pass takes the faster library (see the module docstring)."""
+    return _forward(x, kernel, strides, pads, precision)
+
+
+def _conv2d_forward(x, kernel, strides, pads, precision):
+    return _forward(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _conv2d_backward(strides, pads, precision, residuals, dy):
+    x, kernel = residuals
+
+    def autodiff_gradients(x, kernel, dy):
+        _, vjp = jax.vjp(lambda x_, k_: _autodiff(x_, k_, strides, pads, precision), x, kernel)
+        return vjp(dy)
+
+    def cpu_gradients(x, kernel, dy):
+        dkernel = kernel_gradient(x, dy, strides, pads, kernel.shape[:2], precision).astype(kernel.dtype)
+        if strides == (1, 1) and prefers_eigen(x.shape, kernel.shape):
+            dx = input_gradient(dy, kernel, pads, precision)
+        else:  # a strided forward pass's input gradient has an input dilation already: Eigen takes it as it is
+            _, vjp = jax.vjp(lambda x_: _autodiff(x_, kernel, strides, pads, precision), x)
+            (dx,) = vjp(dy)
+        return dx, dkernel
+
+    return lax.platform_dependent(x, kernel, dy, cpu=cpu_gradients, default=autodiff_gradients)
+
+
+conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+
+
+def _is_unit(values: Sequence[int] | None) -> bool:
+    return values is None or all(v == 1 for v in values)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """Drop-in ``lax.conv_general_dilated``: ``conv2d`` where it applies, the plain op otherwise."""
+    if (
+        lhs.ndim != 4
+        or lhs.dtype != jnp.float32
+        or rhs.dtype != jnp.float32
+        or preferred_element_type not in (None, jnp.float32)
+        or feature_group_count != 1
+        or batch_group_count != 1
+        or not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation))
+        or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != NHWC_HWIO
+    ):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(low), int(high)) for low, high in padding)
+    return conv2d(lhs, rhs, strides, pads, precision)

@@ -1,0 +1,149 @@
+"""mmard_jax.models.convolution: the same values and gradients as ``lax.conv_general_dilated`` under autodiff, the
+row-dilated (Eigen) form only where it is meant to be (CPU; small output grids; every kernel gradient), and the
+plain op, untouched, for what the custom gradient does not cover."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmard_jax.models import convolution
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(conv):
+    def loss(x, kernel, strides, padding):
+        # sin makes the output gradient depend on the output, so a wrong forward pass shows in the gradients too
+        return jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dimension_numbers=NHWC)))
+
+    return loss
+
+
+def _value_and_grads(conv, x, kernel, strides, padding):
+    fn = jax.value_and_grad(_loss(conv), argnums=(0, 1))
+    return jax.jit(fn, static_argnums=(2, 3))(x, kernel, strides, padding)
+
+
+CASES = [
+    # (height, width, in, out, kernel, stride, padding): 32x32 (YNNPACK), <= 16x16 (Eigen), odd sizes, 1x1 strided
+    # shortcuts, asymmetric and string padding, a 5x5 kernel, padding wider than the kernel's reach
+    (32, 32, 24, 32, 3, 1, ((1, 1), (1, 1))),
+    (16, 16, 24, 32, 3, 1, ((1, 1), (1, 1))),
+    (16, 16, 24, 40, 3, 2, ((1, 1), (1, 1))),
+    (16, 16, 24, 40, 1, 2, ((0, 0), (0, 0))),
+    (9, 11, 5, 7, 3, 2, ((1, 1), (1, 1))),
+    (7, 6, 20, 20, 3, 1, ((0, 2), (1, 0))),
+    (10, 10, 20, 24, 5, 2, ((2, 2), (2, 2))),
+    (8, 8, 20, 24, 3, 1, "SAME"),
+    (9, 9, 20, 24, 3, 2, "VALID"),
+    (6, 6, 20, 24, 3, 1, ((3, 3), (2, 2))),
+]
+
+
+@pytest.mark.parametrize("height, width, c_in, c_out, size, stride, padding", CASES)
+def test_value_and_gradients_match_autodiff(height, width, c_in, c_out, size, stride, padding):
+    rng = np.random.default_rng(height * 100 + c_out + stride)
+    x = jnp.asarray(rng.standard_normal((3, height, width, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((size, size, c_in, c_out)) / size, jnp.float32)
+    ours = _value_and_grads(convolution.conv_general_dilated, x, kernel, (stride, stride), padding)
+    plain = _value_and_grads(jax.lax.conv_general_dilated, x, kernel, (stride, stride), padding)
+    value, (dx, dkernel) = ours
+    assert dx.shape == x.shape and dkernel.shape == kernel.shape
+    np.testing.assert_allclose(value, plain[0], rtol=1e-5, atol=1e-4)
+    for got, want in zip(ours[1], plain[1], strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_rows_dilated_is_the_same_convolution(stride, dilation):
+    """The identity the module rests on: dilating the input rows by 2, the kernel rows by 2 more and doubling the row
+    stride and padding gives the same output, shape and values."""
+    rng = np.random.default_rng(stride * 10 + dilation)
+    x = jnp.asarray(rng.standard_normal((2, 13, 12, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    pads = ((2, 1), (1, 0))
+    want = jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), pads, rhs_dilation=(dilation, dilation), dimension_numbers=NHWC
+    )
+    got = convolution.rows_dilated(x, kernel, (stride, stride), pads, rhs_dilation=(dilation, dilation))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _convolutions(platform, x, kernel):
+    """The convolution ops of the exported gradient program for ``platform`` (lowered, not run)."""
+    fn = jax.jit(jax.grad(_loss(convolution.conv_general_dilated), argnums=(0, 1)), static_argnums=(2, 3))
+    text = jax.export.export(fn, platforms=[platform])(x, kernel, (1, 1), ((1, 1), (1, 1))).mlir_module()
+    return [line for line in text.splitlines() if "stablehlo.convolution" in line]
+
+
+def test_cpu_routes_small_wide_grids_and_kernel_gradients_to_the_row_dilated_form_other_platforms_do_not():
+    small = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))  # 8x8 output: forward, input and kernel gradients
+    large = jnp.ones((2, 32, 32, 32)), jnp.ones((3, 3, 32, 32))  # 32x32 output: only the kernel gradient
+    assert [("lhs_dilate" in op) for op in _convolutions("cpu", *small)] == [True, True, True]
+    assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *large)) == [False, False, True]
+    few_channels = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 16))  # YNNPACK declines it: only the kernel gradient
+    assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *few_channels)) == [False, False, True]
+    for platform in ("cuda", "tpu"):
+        ops = _convolutions(platform, *small)
+        assert len(ops) == 3 and not any("lhs_dilate" in op for op in ops)
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype",
+    [
+        ({"feature_group_count": 4}, jnp.float32),  # depthwise-style groups
+        ({"rhs_dilation": (2, 2)}, jnp.float32),
+        ({}, jnp.bfloat16),
+    ],
+)
+def test_what_the_custom_gradient_does_not_cover_is_the_plain_op(kwargs, dtype):
+    x = jnp.ones((2, 9, 9, 8), dtype)
+    kernel = jnp.ones((3, 3, 8 // kwargs.get("feature_group_count", 1), 8), dtype)
+
+    def trace(conv):
+        def loss(x, k):
+            return jnp.sum(conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, **kwargs).astype(jnp.float32))
+
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel))
+
+    assert "custom_vjp" not in trace(convolution.conv_general_dilated)
+    assert trace(convolution.conv_general_dilated) == trace(jax.lax.conv_general_dilated)
+
+
+def test_nchw_dimension_numbers_fall_back_to_the_plain_op():
+    x, kernel = jnp.ones((2, 8, 9, 9)), jnp.ones((8, 8, 3, 3))
+    numbers = ("NCHW", "OIHW", "NCHW")
+    got = convolution.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_flax_conv_takes_it_and_keeps_its_parameters():
+    layer = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=convolution.conv_general_dilated)
+    plain = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 20)), jnp.float32)
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(plain.init(jax.random.PRNGKey(0), x))
+    np.testing.assert_allclose(layer.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_of_gradient_matches_autodiff():
+    """Reverse over reverse (e.g. a gradient-norm penalty) goes through the custom backward pass's own ops."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 20)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 20, 24)) / 3, jnp.float32)
+
+    def penalty(conv):
+        def input_gradient_norm(kernel):
+            dx = jax.grad(lambda x: _loss(conv)(x, kernel, (1, 1), ((1, 1), (1, 1))))(x)
+            return jnp.sum(dx**2)
+
+        return jax.jit(jax.grad(input_gradient_norm))(kernel)
+
+    want = penalty(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(penalty(convolution.conv_general_dilated), want, rtol=0, atol=1e-4 * jnp.abs(want).max())
