@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmard_jax.models.layers import ImageClassifier
 from mmard_jax.models.small_cnn import max_pool_2x2
 
 N_TRAIN = 4000  # MNIST-5k: the first 4,000 digits train, the last 1,000 are evaluated
@@ -30,12 +31,14 @@ N_TRAIN = 4000  # MNIST-5k: the first 4,000 digits train, the last 1,000 are eva
 
 class SmallCNN(nn.Module):
     """conv5x5(16) - relu - maxpool2 - conv5x5(32) - relu - maxpool2 - fc(100) - relu - fc(10), VALID; the product's
-    max-pool (``mmard_jax.models.small_cnn.max_pool_2x2``)."""
+    max-pool (``mmard_jax.models.small_cnn.max_pool_2x2``) and convolution (``ImageClassifier.conv_op``, as every
+    shipped model: ``mmard_jax.models.convolution``). Records dated before 2026-12-03T18:45 used XLA's own convolution."""
 
     @nn.compact
     def __call__(self, x):
-        x = max_pool_2x2(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)))
-        x = max_pool_2x2(nn.relu(nn.Conv(32, (5, 5), padding="VALID")(x)))
+        conv = functools.partial(nn.Conv, padding="VALID", conv_general_dilated=ImageClassifier.conv_op)
+        x = max_pool_2x2(nn.relu(conv(16, (5, 5))(x)))
+        x = max_pool_2x2(nn.relu(conv(32, (5, 5))(x)))
         x = nn.relu(nn.Dense(100)(x.reshape(x.shape[0], -1)))
         return nn.Dense(10)(x)
 

@@ -6,7 +6,8 @@ per convolution (``mmard_jax.models.convolution``: Eigen for kernel gradients an
 YNNPACK for the rest). In one process, interleaved, this times each of: XLA with YNNPACK (the default), XLA with
 Eigen, the product's per-convolution choice, and eager PyTorch on the same shapes and weights:
 
-1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient;
+1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient; and the input
+   gradient of the one-channel first layers of the MNIST models (batch 64);
 2. ResNet-18 on a CIFAR-shaped batch: the input gradient (what each PGD step computes) and the gradient of parameters
    and input together (the outer step), BatchNorm in eval and in train mode;
 3. the product's CIFAR-shaped train step (benchmarks/step_speed.py's, RSLAD by default), lowered with XLA's own
@@ -148,45 +149,76 @@ TABLE_HEAD = [
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Single convolutions
 # ----------------------------------------------------------------------------------------------------------------
-def single_conv_rows(batch: int, size: int, channels: int, repeats: int) -> list[Measurement]:
-    """Forward, input and weight gradient of one 3x3 ``channels -> channels`` convolution on ``size x size``."""
+PASSES = ("forward", "input gradient", "weight gradient")
+# One-channel (grayscale) first layers, (size, out channels, kernel, stride, padding): AutoAttack's benchmark SmallCNN
+# (autoattack_twin.py), the TRADES SmallCNN (models/small_cnn.py) and the demo's strided CNNs (configs/mnist5k.py).
+GRAYSCALE_LAYERS = ((28, 16, 5, 1, 0), (28, 32, 3, 1, 0), (28, 16, 3, 2, 1), (28, 32, 3, 2, 1))
+GRAYSCALE_BATCH = 64  # the demo's batch of 128 over the default two devices
+
+
+def single_conv_rows(
+    batch: int,
+    size: int,
+    c_in: int,
+    c_out: int,
+    repeats: int,
+    kernel: int = 3,
+    stride: int = 1,
+    padding: int = 1,
+    passes: tuple[str, ...] = PASSES,
+) -> list[Measurement]:
+    """Each of ``passes`` of one ``kernel x kernel`` convolution ``c_in -> c_out`` on ``size x size``."""
     import jax
     import numpy as np
     import torch
 
     rng = np.random.default_rng(0)
-    x = rng.random((batch, size, size, channels), np.float32)
-    w = (0.1 * rng.standard_normal((3, 3, channels, channels))).astype(np.float32)
-    dy = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
+    out = (size + 2 * padding - kernel) // stride + 1
+    x = rng.random((batch, size, size, c_in), np.float32)
+    w = (0.1 * rng.standard_normal((kernel, kernel, c_in, c_out))).astype(np.float32)
+    dy = rng.standard_normal((batch, out, out, c_out)).astype(np.float32)
+    pads = ((padding, padding), (padding, padding))
 
     def conv_of(kind):
         def conv(x, w):
-            numbers = ("NHWC", "HWIO", "NHWC")
-            return conv_function(kind)(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+            return conv_function(kind)(x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         return conv
 
     xt, wt = torch.tensor(x.transpose(0, 3, 1, 2).copy()), torch.tensor(w.transpose(3, 2, 0, 1).copy())
     dyt = torch.tensor(dy.transpose(0, 3, 1, 2).copy())
-    passes = {
-        "forward": (conv_of, (x, w), lambda: torch.nn.functional.conv2d(xt, wt, padding=1)),
+    geometry = {"stride": stride, "padding": padding}
+    available = {
+        "forward": (conv_of, (x, w), lambda: torch.nn.functional.conv2d(xt, wt, **geometry)),
         "input gradient": (
             lambda kind: lambda x, w, dy: jax.vjp(conv_of(kind), x, w)[1](dy)[0],
             (x, w, dy),
-            lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dyt, padding=1),
+            lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dyt, **geometry),
         ),
         "weight gradient": (
             lambda kind: lambda x, w, dy: jax.vjp(conv_of(kind), x, w)[1](dy)[1],
             (x, w, dy),
-            lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, padding=1),
+            lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, **geometry),
         ),
     }
+    shape = f"conv {kernel}x{kernel}{f' stride {stride}' if stride > 1 else ''}, {size}x{size}, {c_in} -> {c_out}"
     rows = []
-    for name, (make_fn, args, torch_fn) in passes.items():
+    for name in passes:
+        make_fn, args, torch_fn = available[name]
         thunks, errors = compiled_thunks(make_fn, args, float64_result(make_fn("xla"), args))
         ms = median_ms({**thunks, TORCH: torch_fn}, repeats)
-        rows.append(Measurement(f"conv 3x3, {size}x{size}x{channels}, {name}", ms, errors))
+        rows.append(Measurement(f"{shape}, {name}", ms, errors))
     return rows
+
+
+def grayscale_rows(tiny: bool, repeats: int) -> list[Measurement]:
+    """The input gradient of one-channel first layers (what each attack step computes last), batch 64."""
+    batch, layers = (2, [(8, 4, 3, 1, 0)]) if tiny else (GRAYSCALE_BATCH, GRAYSCALE_LAYERS)
+    return [
+        row
+        for size, c_out, kernel, stride, padding in layers
+        for row in single_conv_rows(batch, size, 1, c_out, repeats, kernel, stride, padding, ("input gradient",))
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +339,8 @@ def main(argv=None) -> list[Measurement]:
     stages = ((8, 8), (4, 16)) if args.tiny else ((32, 64), (16, 128), (8, 256), (4, 512))
     batch = 2 if args.tiny else args.batch
     model, model_kwargs, image_size = ("cnn", TINY_CNN, 8) if args.tiny else ("resnet18", {}, 32)
-    rows = [row for size, channels in stages for row in single_conv_rows(batch, size, channels, args.repeats)]
+    rows = [row for size, channels in stages for row in single_conv_rows(batch, size, channels, channels, args.repeats)]
+    rows += grayscale_rows(args.tiny, args.repeats)
     rows += network_rows(model, model_kwargs, batch, image_size, args.repeats)
     step = [train_step_row(args.step_method, args.tiny, args.step_repeats)] if args.step_method else []
     load_after, times_after = os.getloadavg(), cpu_times()

@@ -262,6 +262,53 @@ def test_linf_hyperplane_projection_matches_linear_program():
         assert np.all(point + d >= -1e-6) and np.all(point + d <= 1 + 1e-6)
 
 
+def _linf_projection_by_sorting(point, w, b):
+    """The L-inf projection as the reference computes it, in float64: coordinates sorted by room (distance to the
+    face that decreases <w, .>), each prefix of the largest rooms moving freely and the rest used up, the first prefix
+    whose linear solve fits taken; the smallest-room and the unreachable cases as in FAB Sec. 3.1."""
+    if w @ point - b < 0:
+        w, b = -w, -b
+    gap, weight = w @ point - b, np.abs(w)
+    towards_one = w < 0
+    room = np.where(towards_one, 1 - point, point)
+    direction = np.where(towards_one, 1.0, -1.0) * (w != 0)
+    if gap < weight.sum() * room.min():
+        return direction * gap / weight.sum()
+    if gap >= weight @ room:
+        return direction * room
+    order = np.argsort(-room, kind="stable")
+    for free in range(1, len(order) + 1):
+        moving, used_up = order[:free], order[free:]
+        lam = (gap - weight[used_up] @ room[used_up]) / weight[moving].sum() if weight[moving].sum() else np.inf
+        if (free == len(order) or lam >= room[order[free]]) and lam <= room[order[free - 1]]:
+            return direction * np.minimum(lam, room)
+    raise AssertionError("no prefix fits")
+
+
+@pytest.mark.parametrize("regime", ["reachable", "smallest_room", "unreachable"])
+def test_linf_hyperplane_projection_matches_the_sorted_search_on_digit_like_points(regime):
+    """Digit-like points (most pixels exactly 0 or 1: rooms tie in large groups) in 784 dimensions, against the
+    reference's sort-based search; the three regimes: a face reached by some coordinates, by none, unreachable."""
+    rng = np.random.default_rng({"reachable": 0, "smallest_room": 1, "unreachable": 2}[regime])
+    for _ in range(5):
+        point = np.where(rng.uniform(size=784) < 0.7, 0.0, rng.uniform(size=784))
+        point[rng.uniform(size=784) < 0.1] = 1.0
+        w = rng.normal(size=784) * (rng.uniform(size=784) < 0.9)
+        room = np.where(w < 0, 1 - point, point)
+        reach = np.abs(w) @ room
+        scale = {"reachable": rng.uniform(0.2, 0.9), "smallest_room": 0.0, "unreachable": 1.5}[regime]
+        gap = scale * reach
+        if regime == "smallest_room":
+            point = np.clip(point, 0.2, 0.8)  # every room >= 0.2 ...
+            room = np.where(w < 0, 1 - point, point)
+            gap = 0.5 * np.abs(w).sum() * room.min()  # ... and half of the smallest one is enough
+        b = w @ point - gap
+        want = _linf_projection_by_sorting(point, w, b)
+        got = np.asarray(project_hyperplane_linf(*(jnp.asarray(a, jnp.float32) for a in (point, w, b))), np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+        assert abs(w @ (point + got) - b) < 1e-3 * max(1.0, abs(b)) or regime == "unreachable"
+
+
 def test_l2_hyperplane_projection_matches_bisection_on_the_multiplier():
     for point, w, b, d in _projections(project_hyperplane_l2, seed=1):
         # KKT: d(mu) = clip(mu * w, -point, 1 - point); w.d(mu) is increasing in mu; solve w.d = b - w.point.
@@ -477,7 +524,7 @@ def test_device_and_host_loops_give_the_same_result(model, eval_set):
     attacks = [
         functools.partial(apgd, n_iter=10),  # APGD-T runs the same step
         functools.partial(fab_targeted, n_iter=10, n_target_classes=1),
-        functools.partial(square_attack, n_queries=50),
+        functools.partial(square_attack, n_queries=47),  # not a multiple of the loops' check_every
     ]
     for attack in attacks:
         device = attack(*model, images, labels, key, eps=EPS, loop="device")

@@ -9,10 +9,13 @@ So those passes are written here as the same sum with the input rows dilated by 
 more and a row stride twice the original (``rows_dilated``): output row ``o`` then reads dilated row
 ``2(t o + r i - p)``, which is input row ``t o + r i - p``, the original element. Same products, Eigen's kernel.
 (Convolutions with 16 channels or fewer run in Eigen as they are, so only their kernel gradients are rewritten.)
+A third kind loses in both libraries: the input gradient of a layer with one input channel (a grayscale image's first
+convolution), which XLA runs as a convolution whose patches span every output channel. There it is a matrix product
+and one strided add per kernel tap (``scattered_input_gradient``), 1.8-5x faster.
 
 Only on CPU (``lax.platform_dependent``); on GPU and TPU every pass is autodiff's own. The custom gradient
-covers float32 2-D NHWC / HWIO convolutions without dilation or groups (every convolution of the shipped
-models except MobileNetV2's depthwise ones); anything else is ``lax.conv_general_dilated`` unchanged.
+covers float32 2-D NHWC / HWIO convolutions without dilation, groups or negative (cropping) padding (every
+convolution of the shipped models except MobileNetV2's depthwise ones); anything else is ``lax.conv_general_dilated`` unchanged.
 ``conv_general_dilated`` has ``lax.conv_general_dilated``'s signature, so Flax's ``nn.Conv`` takes it as its
 ``conv_general_dilated`` field. Being a ``jax.custom_vjp``, it supports reverse mode (``jax.grad``, also nested) but
 not forward mode (``jax.jvp``, ``jax.jacfwd``): for those, trace the models with ``lax.conv_general_dilated``
@@ -38,6 +41,10 @@ KERNEL_GRADIENT = ("CHWN", "IHWO", "HWNC")
 EIGEN_MAX_OUTPUT_AREA = 256
 # XLA:CPU keeps convolutions with at most this many input and output channels away from YNNPACK.
 YNNPACK_DECLINES_UP_TO_CHANNELS = 16
+# Input gradients of convolutions with this many input channels or fewer (a grayscale image's first layer) are
+# scattered tap by tap (``scattered_input_gradient``) on CPU: 1.8-5x faster than XLA:CPU's convolution there. With 2-3
+# input channels (RGB) the two were even.
+SCATTER_MAX_INPUT_CHANNELS = 1
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -121,6 +128,26 @@ def input_gradient(dy, kernel, pads: Pads, precision: Any = None):
     )
 
 
+def scattered_input_gradient(
+    dy, kernel, strides: tuple[int, int], pads: Pads, input_hw: tuple[int, int], precision=None
+):
+    """d(sum(dy * conv(x, k)))/dx by scattering: one matrix product over the output channels gives every output
+    position's contribution to each of its kernel taps, and each tap adds its plane onto the (padded) input grid at
+    its offset, stepping by the stride. For few input channels this moves far less memory than the convolution
+    XLA:CPU would run instead (whose patches span all output channels)."""
+    kh, kw, in_channels, _ = kernel.shape
+    (top, bottom), (left, right) = pads
+    (sh, sw), (oh, ow) = strides, dy.shape[1:3]
+    taps = jnp.einsum("nhwo,abio->nhwiab", dy, kernel, precision=precision)
+    height, width = input_hw[0] + top + bottom, input_hw[1] + left + right
+    padded = jnp.zeros((dy.shape[0], height, width, in_channels), dy.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            rows, cols = slice(a, a + sh * (oh - 1) + 1, sh), slice(b, b + sw * (ow - 1) + 1, sw)
+            padded = padded.at[:, rows, cols].add(taps[..., a, b])
+    return padded[:, top : height - bottom, left : width - right]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any = None):
     """An NHWC x HWIO convolution; on CPU each pass takes the faster library (see the module docstring)."""
@@ -140,7 +167,9 @@ def _conv2d_backward(strides, pads, precision, residuals, dy):
 
     def cpu_gradients(x, kernel, dy):
         dkernel = kernel_gradient(x, dy, strides, pads, kernel.shape[:2], precision).astype(kernel.dtype)
-        if strides == (1, 1) and prefers_eigen(x.shape, kernel.shape):
+        if kernel.shape[2] <= SCATTER_MAX_INPUT_CHANNELS:
+            dx = scattered_input_gradient(dy, kernel, strides, pads, x.shape[1:3], precision).astype(x.dtype)
+        elif strides == (1, 1) and prefers_eigen(x.shape, kernel.shape):
             dx = input_gradient(dy, kernel, pads, precision)
         else:  # a strided forward pass's input gradient has an input dilation already: Eigen takes it as it is
             _, vjp = jax.vjp(lambda x_: _autodiff(x_, kernel, strides, pads, precision), x)
@@ -171,6 +200,20 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
 ) -> jax.Array:
     """Drop-in ``lax.conv_general_dilated``: ``conv2d`` where it applies, the plain op otherwise."""
+    plain = functools.partial(
+        lax.conv_general_dilated,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     if (
         lhs.ndim != 4
         or lhs.dtype != jnp.float32
@@ -181,21 +224,11 @@ def conv_general_dilated(
         or not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation))
         or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != NHWC_HWIO
     ):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
+        return plain()
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(low), int(high)) for low, high in padding)
+    if min(min(pad) for pad in pads) < 0:  # negative padding crops the input: left to XLA as it is
+        return plain()
     return conv2d(lhs, rhs, strides, pads, precision)

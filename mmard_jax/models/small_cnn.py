@@ -52,13 +52,21 @@ def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Arr
 
 
 def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+    """Each window's gradient goes to its first maximum in row-major order: the four window positions are visited in
+    that order and each claims the gradient if it equals the maximum and no earlier one did (elementwise only)."""
     x, pooled = residuals
     n, h, w, c = x.shape
-    is_max = _pool_windows(x) == pooled[:, :, None, :, None, :]
-    is_max = jnp.moveaxis(is_max, (2, 4), (4, 5)).reshape(*pooled.shape, 4)  # (N, H/2, W/2, C, window)
-    first_max = is_max & (jnp.cumsum(is_max, axis=-1) == 1)
-    spread = jnp.where(first_max, grad[..., None], 0).reshape(*pooled.shape, 2, 2)
-    spread = jnp.moveaxis(spread, (3, 4), (5, 2)).reshape(n, h - h % 2, w - w % 2, c)
+    windows = _pool_windows(x)
+    unclaimed = jnp.ones(pooled.shape, bool)
+    rows = []
+    for i in range(2):
+        row = []
+        for j in range(2):
+            claims = unclaimed & (windows[:, :, i, :, j] == pooled)
+            unclaimed = unclaimed & ~claims
+            row.append(jnp.where(claims, grad, 0))
+        rows.append(jnp.stack(row, axis=3))  # (N, H/2, W/2, 2, C)
+    spread = jnp.stack(rows, axis=2).reshape(n, h - h % 2, w - w % 2, c)
     return (jnp.pad(spread, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
