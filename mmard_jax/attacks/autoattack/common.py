@@ -183,9 +183,10 @@ LOOP_MODES = ("auto", "device", "host")
 def use_host_loop(loop: str, host_on_cpu: bool = True) -> bool:
     """'device': the iterations run as one lax.fori_loop / while_loop program. 'host': Python drives
     one jitted iteration at a time (same arithmetic, same results). 'auto' picks 'device' on
-    accelerators and, on CPU, `host_on_cpu`: XLA:CPU runs convolutions inside while loops about 2.5x
-    slower (jax-ml/jax#12868; measured here on a small CNN), which outweighs one dispatch per
-    iteration for the gradient attacks but not for Square's single forward pass per iteration."""
+    accelerators and, on CPU, `host_on_cpu`: XLA:CPU ran convolutions inside while loops about 2.5x
+    slower (jax-ml/jax#12868; measured here on a small CNN), which outweighed one dispatch per
+    iteration for APGD; FAB (whose step is mostly its projection) and Square (one forward pass per
+    iteration) run faster on device (benchmarks/results/autoattack_speed.md)."""
     if loop not in LOOP_MODES:
         raise ValueError(f"loop={loop!r} must be one of {LOOP_MODES}")
     if loop == "auto":
