@@ -11,7 +11,7 @@ more and a row stride twice the original (``rows_dilated``): output row ``o`` th
 (Convolutions with 16 channels or fewer run in Eigen as they are, so only their kernel gradients are rewritten.)
 A third kind loses in both libraries: the input gradient of a layer with one input channel (a grayscale image's first
 convolution), which XLA runs as a convolution whose patches span every output channel. There it is a matrix product
-and one strided add per kernel tap (``scattered_input_gradient``), 1.8-5x faster.
+and one strided add per kernel tap (``scattered_input_gradient``), 3-5.6x faster at stride 1.
 
 Only on CPU (``lax.platform_dependent``); on GPU and TPU every pass is autodiff's own. The custom gradient
 covers float32 2-D NHWC / HWIO convolutions without dilation, groups or negative (cropping) padding (every
@@ -42,8 +42,9 @@ EIGEN_MAX_OUTPUT_AREA = 256
 # XLA:CPU keeps convolutions with at most this many input and output channels away from YNNPACK.
 YNNPACK_DECLINES_UP_TO_CHANNELS = 16
 # Input gradients of convolutions with this many input channels or fewer (a grayscale image's first layer) are
-# scattered tap by tap (``scattered_input_gradient``) on CPU: 1.8-5x faster than XLA:CPU's convolution there. With 2-3
-# input channels (RGB) the two were even.
+# scattered tap by tap (``scattered_input_gradient``) on CPU: 3-5.6x faster than XLA:CPU's default at stride 1, up to
+# 1.5x at stride 2 (benchmarks/results/xla_cpu_conv_paths.md). RGB first layers stay with XLA: a trial with 2-3 input
+# channels found no gain.
 SCATTER_MAX_INPUT_CHANNELS = 1
 
 Pads = tuple[tuple[int, int], tuple[int, int]]

@@ -70,8 +70,8 @@ def _binary_search(n_features: int, go_right) -> jax.Array:
 def _largest_unsaturating_move(room: jax.Array, weight: jax.Array, total: jax.Array) -> jax.Array:
     """The largest float32 ``lam`` >= 0 with ``sum_i weight_i * min(lam, room_i) <= total`` (weights >= 0, rooms in
     [0, 1]), to float32 resolution: a bisection on the bit patterns of [0, max room] (non-negative float32s order like
-    their int32 bits), 31 halvings whatever d is. It replaces the reference's sort of the rooms: XLA:CPU's sort took
-    about 40 % of FAB-T's step (benchmarks/results/autoattack_speed.md)."""
+    their int32 bits), 31 halvings whatever d is. It replaces the reference's sort of the rooms, XLA:CPU's sort being
+    slow: FAB-T's share of the AutoAttack benchmark fell from 9.5 to 5.7 s (benchmarks/results/autoattack_speed.md)."""
 
     def moved(lam):
         return jnp.sum(weight * jnp.minimum(lam, room))
