@@ -237,8 +237,8 @@ def run_while(step, condition, n: int, consts, state, host: bool, check_every: i
     """Like run_fori but stops once condition(consts, state) is False. Both loops look at the condition every
     `check_every` iterations; a step taken when the condition is False must leave the state unchanged, so the
     result is the same either way. (On a batch split over devices the condition is a cross-device reduction: taken
-    at every one of Square's iterations, it and the wait for the other device cost a third of the iteration on
-    XLA:CPU, benchmarks/results/autoattack_speed.md.)"""
+    at every one of Square's iterations, it and the wait for the other device took about a quarter of each device's
+    time on XLA:CPU, benchmarks/results/autoattack_speed.md.)"""
     if not host:
         return _device_while(step, condition, n, consts, state, check_every)
     for i in range(n):
