@@ -6,8 +6,8 @@ per convolution (``mmard_jax.models.convolution``: Eigen for kernel gradients an
 YNNPACK for the rest). In one process, interleaved, this times each of: XLA with YNNPACK (the default), XLA with
 Eigen, the product's per-convolution choice, and eager PyTorch on the same shapes and weights:
 
-1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient; and the input
-   gradient of the one-channel first layers of the MNIST models (batch 64);
+1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient; and the
+   forward pass and input gradient of the one-channel first layers of the MNIST models (batch 64);
 2. ResNet-18 on a CIFAR-shaped batch: the input gradient (what each PGD step computes) and the gradient of parameters
    and input together (the outer step), BatchNorm in eval and in train mode;
 3. the product's CIFAR-shaped train step (benchmarks/step_speed.py's, RSLAD by default), lowered with XLA's own
@@ -20,7 +20,9 @@ Parts 1-2 also give each XLA path's error: its float32 result against the same p
 Usage (``--tiny`` shrinks every size, for the CI smoke test):
 
     PYTHONPATH=. python benchmarks/xla_cpu_conv_paths.py [--batch 32] [--repeats 10] [--step_method rslad]
-        [--out benchmarks/results/xla_cpu_conv_paths.md]
+        [--parts stages,grayscale,network] [--out benchmarks/results/xla_cpu_conv_paths.md]
+
+``--parts grayscale --step_method ''`` times only the one-channel layers (about a minute).
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ TABLE_HEAD = [
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Single convolutions
 # ----------------------------------------------------------------------------------------------------------------
+PARTS = ("stages", "grayscale", "network")  # --parts: ResNet-18's stages, one-channel layers, whole networks (1-2)
 PASSES = ("forward", "input gradient", "weight gradient")
 # One-channel (grayscale) first layers, (size, out channels, kernel, stride, padding): AutoAttack's benchmark SmallCNN
 # (autoattack_twin.py), the TRADES SmallCNN (models/small_cnn.py) and the demo's strided CNNs (configs/mnist5k.py).
@@ -211,13 +214,16 @@ def single_conv_rows(
     return rows
 
 
+GRAYSCALE_PASSES = ("forward", "input gradient")  # what each attack step computes (first and last)
+
+
 def grayscale_rows(tiny: bool, repeats: int) -> list[Measurement]:
-    """The input gradient of one-channel first layers (what each attack step computes last), batch 64."""
+    """The forward pass and input gradient of one-channel first layers, batch 64."""
     batch, layers = (2, [(8, 4, 3, 1, 0)]) if tiny else (GRAYSCALE_BATCH, GRAYSCALE_LAYERS)
     return [
         row
         for size, c_out, kernel, stride, padding in layers
-        for row in single_conv_rows(batch, size, 1, c_out, repeats, kernel, stride, padding, ("input gradient",))
+        for row in single_conv_rows(batch, size, 1, c_out, repeats, kernel, stride, padding, GRAYSCALE_PASSES)
     ]
 
 
@@ -322,10 +328,18 @@ def main(argv=None) -> list[Measurement]:
     parser.add_argument("--repeats", type=int, default=10, help="interleaved turns of parts 1 and 2")
     parser.add_argument("--step_repeats", type=int, default=4, help="interleaved turns of part 3")
     parser.add_argument("--step_method", default="rslad", help="train step of part 3: rslad or mmard; '' skips it")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts 1-2 to time, of {','.join(PARTS)} (part 3: --step_method)",
+    )
     parser.add_argument("--tiny", action="store_true", help="test sizes (CI smoke test)")
     parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    parts = [part for part in args.parts.split(",") if part]
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
     host_devices.set_default_host_devices([args.batch])  # the product's default device count, for part 3
 
     import jax
@@ -339,9 +353,15 @@ def main(argv=None) -> list[Measurement]:
     stages = ((8, 8), (4, 16)) if args.tiny else ((32, 64), (16, 128), (8, 256), (4, 512))
     batch = 2 if args.tiny else args.batch
     model, model_kwargs, image_size = ("cnn", TINY_CNN, 8) if args.tiny else ("resnet18", {}, 32)
-    rows = [row for size, channels in stages for row in single_conv_rows(batch, size, channels, channels, args.repeats)]
-    rows += grayscale_rows(args.tiny, args.repeats)
-    rows += network_rows(model, model_kwargs, batch, image_size, args.repeats)
+    rows = []
+    if "stages" in parts:
+        rows += [
+            r for size, channels in stages for r in single_conv_rows(batch, size, channels, channels, args.repeats)
+        ]
+    if "grayscale" in parts:
+        rows += grayscale_rows(args.tiny, args.repeats)
+    if "network" in parts:
+        rows += network_rows(model, model_kwargs, batch, image_size, args.repeats)
     step = [train_step_row(args.step_method, args.tiny, args.step_repeats)] if args.step_method else []
     load_after, times_after = os.getloadavg(), cpu_times()
     contended = load_contention(load_before, load_after, own_after=float(cores), cores=cores)  # all cores were ours

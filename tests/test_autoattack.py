@@ -518,8 +518,14 @@ def test_bad_arguments_raise_value_errors(model, eval_set):
         apgd_targeted(*model, images, labels, jax.random.key(0), eps=EPS, n_target_classes=10)
 
 
-def test_device_and_host_loops_give_the_same_result(model, eval_set):
+@pytest.mark.parametrize("split", [False, True], ids=["one device", "split over the devices"])
+def test_device_and_host_loops_give_the_same_result(model, eval_set, split):
+    """Split over the 8 test devices (as the runner places batches), each device loops over its own rows."""
     images, labels = eval_set
+    if split:
+        rows = len(labels) // 8 * 8
+        sharding = parallel.batch_sharded(parallel.make_mesh())
+        images, labels = (jax.device_put(np.asarray(a)[:rows], sharding) for a in (images, labels))
     key = jax.random.key(5)
     attacks = [
         functools.partial(apgd, n_iter=10),  # APGD-T runs the same step
@@ -576,9 +582,9 @@ ATTACK_PROGRAMS = {
 
 
 def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set):
-    """With one batch shape (8 rows on the 8 test devices), a standard run with the CPU's default loops compiles each
-    attack stage once: APGD's start evaluates inside its step, so the forward and backward pass compile once per loss
-    (APGD-CE, APGD-T) and once for FAB-T's loop."""
+    """With one batch shape (8 rows on the 8 test devices), a standard run with the default (device) loops compiles
+    each attack stage once: APGD's start evaluates inside its step, so the forward and backward pass compile once per
+    loss (APGD-CE, APGD-T) and once for FAB-T's loop."""
     images, labels = eval_set[0][:8], eval_set[1][:8]
     budgets = dict(
         apgd_ce=dict(n_iter=4), apgd_t=dict(n_iter=4, n_target_classes=2), fab_t=dict(n_iter=4, n_target_classes=2)
@@ -592,7 +598,7 @@ def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set)
     names = [name.removeprefix("jit(").removesuffix(")") for name, _ in compiled]
     assert set(names) <= ATTACK_PROGRAMS, sorted(set(names) - ATTACK_PROGRAMS)
     counts = {name: names.count(name) for name in set(names)}
-    assert counts.pop("_one_step") == 2  # APGD-CE, APGD-T (FAB-T runs its loop on the device: _device_fori)
+    assert counts.pop("_device_fori") == 3  # APGD-CE, APGD-T, FAB-T (Square's loop: _device_while)
     assert counts.pop("_apgd_start") == 2  # the CE and the targeted loss
     assert all(count == 1 for count in counts.values()), counts
 

@@ -84,7 +84,7 @@ def test_the_xla_conv_paths_benchmark_runs_tiny_and_its_three_xla_paths_agree(tm
     report = tmp_path / "paths.md"
     argv = ["--tiny", "--repeats", "1", "--step_method", "", "--settle", "0", "--out", str(report)]
     rows = xla_cpu_conv_paths.main(argv)
-    assert len(rows) == 2 * 3 + 1 + 4  # two conv stages x three passes, a grayscale input gradient, four networks
+    assert len(rows) == 2 * 3 + 2 + 4  # two conv stages x three passes, a grayscale layer x two passes, four networks
     assert all(len(row.ms) == 4 and value > 0 for row in rows for value in row.ms.values())
     assert all(len(row.errors) == 3 and error < 1e-4 for row in rows for error in row.errors.values())
     assert "## 3." not in report.read_text()  # the train step part was left out (step_speed's tests run that step)

@@ -81,11 +81,15 @@ def as_array(x, dtype) -> jax.Array:
 
 
 def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Array, jax.Array]:
+    """(example ids, active rows) as int32 / bool [N] arrays, split over the devices as ``images`` is."""
     n = images.shape[0]
     ids = as_array(np.arange(n, dtype=np.int32) if example_ids is None else example_ids, jnp.int32)
     mask = as_array(np.ones((n,), bool) if active is None else active, jnp.bool_)
     if ids.shape != (n,) or mask.shape != (n,):
         raise ValueError(f"example_ids and active must have shape ({n},), got {ids.shape} and {mask.shape}")
+    sharding = batch_sharding(images)
+    if sharding is not None:
+        ids, mask = (a if a.sharding == sharding else jax.device_put(a, sharding) for a in (ids, mask))
     return ids, mask
 
 
@@ -93,8 +97,14 @@ def batch_sharding(x) -> NamedSharding | None:
     """x's sharding when a mesh splits its batch axis (as the runner places batches), else None. A static argument
     of the start programs, which constrain the state they create to it (`along_batch`): the step then sees the
     shardings of its own outputs already at its first call, and compiles once, not twice."""
+    sharding = split_sharding(x)
+    return sharding if sharding is not None and sharding.spec[0] is not None else None
+
+
+def split_sharding(x) -> NamedSharding | None:
+    """x's sharding when a mesh splits any of its axes (the batch axis, wherever it is), else None."""
     sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding) and len(sharding.spec) > 0 and sharding.spec[0] is not None:
+    if isinstance(sharding, NamedSharding) and any(axis is not None for axis in sharding.spec):
         return sharding
     return None
 
@@ -180,17 +190,14 @@ def check_target_ranks(ranks: tuple[int, ...], n_classes: int, min_classes: int 
 LOOP_MODES = ("auto", "device", "host")
 
 
-def use_host_loop(loop: str, host_on_cpu: bool = True) -> bool:
-    """'device': the iterations run as one lax.fori_loop / while_loop program. 'host': Python drives
-    one jitted iteration at a time (same arithmetic, same results). 'auto' picks 'device' on
-    accelerators and, on CPU, `host_on_cpu`: XLA:CPU ran convolutions inside while loops about 2.5x
-    slower (jax-ml/jax#12868; measured here on a small CNN), which outweighed one dispatch per
-    iteration for APGD; FAB (whose step is mostly its projection) and Square (one forward pass per
-    iteration) run faster on device (benchmarks/results/autoattack_speed.md)."""
+def use_host_loop(loop: str) -> bool:
+    """'device': the iterations run as one lax.fori_loop / while_loop program, on each device over its own rows.
+    'host': Python drives one jitted iteration at a time (same arithmetic, same results; a loop to step through).
+    'auto' is 'device' on every platform. (Until 2026-12, APGD stepped from the host on CPU, where XLA:CPU had run
+    convolutions inside while loops about 2.5x slower, jax-ml/jax#12868; with the product's convolutions its device
+    loop is the faster one there too: benchmarks/results/autoattack_speed.md.)"""
     if loop not in LOOP_MODES:
         raise ValueError(f"loop={loop!r} must be one of {LOOP_MODES}")
-    if loop == "auto":
-        return host_on_cpu and jax.default_backend() == "cpu"
     return loop == "host"
 
 
@@ -204,30 +211,59 @@ def _holds(condition, consts, state):
     return condition(consts, state)
 
 
-@jit(static_argnames=("step", "start", "n"))
-def _device_fori(step, start, n, consts, state):
-    return jax.lax.fori_loop(start, n, lambda i, st: step(consts, i, st), state)
+@jit(static_argnames=("step", "start", "n", "specs"))
+def _device_fori(step, start, n, consts, state, specs):
+    def loop(consts, state):
+        return jax.lax.fori_loop(start, n, lambda i, st: step(consts, i, st), state)
+
+    return _on_each_device(loop, consts, state, specs)
 
 
-@jit(static_argnames=("step", "condition", "n", "check_every"))
-def _device_while(step, condition, n, consts, state, check_every):
-    def keep_going(carry):
-        i, st = carry
-        return (i < n) & condition(consts, st)
+def _batch_specs(consts, state):
+    """(mesh, treedef of (consts, state), a PartitionSpec per leaf): split leaves keep their split, every other leaf
+    is replicated; None when no leaf is split. Hashable: a static argument."""
+    leaves, treedef = jax.tree.flatten((consts, state))
+    shardings = [split_sharding(leaf) for leaf in leaves]
+    split = [sharding for sharding in shardings if sharding is not None]
+    if not split:
+        return None
+    return split[0].mesh, treedef, tuple(P() if sharding is None else sharding.spec for sharding in shardings)
 
-    def advance(carry):
-        i, st = carry
-        stop = jnp.minimum(i + check_every, n)
-        return stop, jax.lax.fori_loop(i, stop, lambda j, s: step(consts, j, s), st)
 
-    return jax.lax.while_loop(keep_going, advance, (jnp.int32(0), state))[1]
+def _on_each_device(loop, consts, state, specs):
+    """``loop(consts, state)``, run by each device on its own rows (``shard_map``) when ``specs`` (`_batch_specs`)
+    says the batch is split. The steps and stop conditions of the attacks are per row, so each device's loop needs
+    nothing from the others: no collective runs, and a device whose rows are done stops without waiting."""
+    if specs is None:
+        return loop(consts, state)
+    mesh, treedef, leaf_specs = specs
+    const_specs, state_specs = jax.tree.unflatten(treedef, leaf_specs)
+    mapped = jax.shard_map(loop, mesh=mesh, in_specs=(const_specs, state_specs), out_specs=state_specs, check_vma=False)
+    return mapped(consts, state)
+
+
+@jit(static_argnames=("step", "condition", "n", "check_every", "specs"))
+def _device_while(step, condition, n, consts, state, check_every, specs):
+    def loop(consts, state):
+        def keep_going(carry):
+            i, st = carry
+            return (i < n) & condition(consts, st)
+
+        def advance(carry):
+            i, st = carry
+            stop = jnp.minimum(i + check_every, n)
+            return stop, jax.lax.fori_loop(i, stop, lambda j, s: step(consts, j, s), st)
+
+        return jax.lax.while_loop(keep_going, advance, (jnp.int32(0), state))[1]
+
+    return _on_each_device(loop, consts, state, specs)
 
 
 def run_fori(step, n: int, consts, state, host: bool, start: int = 0):
     """state = step(consts, i, state) for i in start .. n - 1 (one program either way: the host loop calls the
     same jitted step at every i). `step` must be hashable (a frozen dataclass)."""
     if not host:
-        return _device_fori(step, start, n, consts, state)
+        return _device_fori(step, start, n, consts, state, _batch_specs(consts, state))
     for i in range(start, n):
         state = _one_step(step, consts, np.int32(i), state)
     return state
@@ -236,11 +272,12 @@ def run_fori(step, n: int, consts, state, host: bool, start: int = 0):
 def run_while(step, condition, n: int, consts, state, host: bool, check_every: int = 10):
     """Like run_fori but stops once condition(consts, state) is False. Both loops look at the condition every
     `check_every` iterations; a step taken when the condition is False must leave the state unchanged, so the
-    result is the same either way. (On a batch split over devices the condition is a cross-device reduction: taken
-    at every one of Square's iterations, it and the wait for the other device took about a quarter of each device's
-    time on XLA:CPU, benchmarks/results/autoattack_speed.md.)"""
+    result is the same either way. On the device each device looks at its own rows only (`_on_each_device`) and
+    stops when they are done. (Taken over the whole split batch, at every one of Square's iterations, the condition
+    was a cross-device reduction: it and the wait for the other device took about a quarter of each device's time
+    on XLA:CPU, benchmarks/results/autoattack_speed.md.)"""
     if not host:
-        return _device_while(step, condition, n, consts, state, check_every)
+        return _device_while(step, condition, n, consts, state, check_every, _batch_specs(consts, state))
     for i in range(n):
         if i % check_every == 0 and not bool(_holds(condition, consts, state)):
             break

@@ -282,7 +282,7 @@ def fab_targeted(
     check_target_ranks(ranks, batch.clean_logits.shape[-1])
     keys, found = jitted_example_keys(key, batch.ids), batch.found
     settings = _Settings(norm, n_iter, alpha_max, eta, beta)
-    step, host = _FabStep(apply_fn, settings), use_host_loop(loop, host_on_cpu=False)
+    step, host = _FabStep(apply_fn, settings), use_host_loop(loop)
     for rank in ranks:
         rank_keys = jitted_fold_keys(keys, rank)
         for restart in range(n_restarts):  # reference `attack_single_run` (is_targeted=True), fixed-shape batch

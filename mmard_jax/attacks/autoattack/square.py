@@ -20,6 +20,8 @@ import numpy as np
 
 from mmard_jax.attacks.autoattack.common import (
     AttackOutput,
+    along_batch,
+    batch_sharding,
     jit,
     jitted_example_keys,
     jitted_fold_keys,
@@ -208,13 +210,15 @@ def _l2_init(key, x, eps):
     return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
-@jit(static_argnames=("apply_fn", "norm"))
-def _square_start(apply_fn: ApplyFn, norm: str, variables, x, labels, keys, eps, attack_mask, found_fooled):
-    """(rows attacked, state): the initial perturbation (Alg. 2 / Alg. 3) and its margin."""
+@jit(static_argnames=("apply_fn", "norm", "sharding"))
+def _square_start(apply_fn: ApplyFn, norm: str, sharding, variables, x, labels, keys, eps, attack_mask, found_fooled):
+    """(rows attacked, state): the initial perturbation (Alg. 2 / Alg. 3) and its margin, split like the batch
+    (common.batch_sharding)."""
     init = _linf_init if norm == "linf" else _l2_init
     x_best = jax.vmap(init, in_axes=(0, 0, None))(keys, x, eps)
     margin_min = margin(apply_fn(variables, x_best), labels)
-    return attack_mask & ~found_fooled, (x_best, margin_min, margin_min)
+    attacked, state = attack_mask & ~found_fooled, (x_best, margin_min, margin_min)
+    return jax.tree.map(lambda a: along_batch(a, sharding), (attacked, state))
 
 
 def _left_to_fool(attack_mask, margin_min):
@@ -286,7 +290,16 @@ def _square_single_run(apply_fn: ApplyFn, settings: _Settings, batch, keys, foun
     variables, x, labels, eps = batch.variables, batch.images, batch.labels, batch.eps
     init_keys = jitted_fold_keys(keys, settings.n_queries)
     attacked, state = _square_start(
-        apply_fn, settings.norm, variables, x, labels, init_keys, eps, batch.attack_mask, found.fooled
+        apply_fn,
+        settings.norm,
+        batch_sharding(x),
+        variables,
+        x,
+        labels,
+        init_keys,
+        eps,
+        batch.attack_mask,
+        found.fooled,
     )
     consts = (variables, x, labels, keys, eps, attacked)
     x_best, _, _ = run_while(_SquareStep(apply_fn, settings), _AnyLeft(), settings.n_queries, consts, state, host)
@@ -327,7 +340,7 @@ def square_attack(
     settings = _Settings(n_queries, p_init, rescale_schedule, norm)
     if norm == "l2":
         l2_init_tiles(*np.shape(images)[1:3])  # fails early on images too small for the L2 grid
-    host = use_host_loop(loop, host_on_cpu=False)
+    host = use_host_loop(loop)
     for restart in range(n_restarts):
         found = _square_single_run(apply_fn, settings, batch, jitted_fold_keys(keys, restart), found, host)
     return found
