@@ -106,6 +106,8 @@ def test_one_input_channel_scatters_its_input_gradient_on_cpu_only():
     assert len(_convolutions("cuda", *grayscale)) == 3
     rgb = jnp.ones((2, 12, 12, 3)), jnp.ones((3, 3, 3, 16))
     assert len(_convolutions("cpu", *rgb)) == 3
+    wide = jnp.ones((2, 8, 8, 1)), jnp.ones((3, 3, 1, 32))  # a small grid and 32 channels: the forward pass stays XLA's
+    assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *wide)) == [False, True]  # forward, kernel grad.
 
 
 def test_negative_padding_is_left_to_the_plain_op():

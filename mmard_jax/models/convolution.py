@@ -84,9 +84,12 @@ def _autodiff(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: P
 def prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
     """Whether a forward / input-gradient convolution with this NHWC output and HWIO kernel is better written for
     Eigen (on CPU): a small output grid, and more than 16 channels on one side (with fewer, YNNPACK declines it and
-    the plain op runs in Eigen already, without the dilated form's overhead)."""
+    the plain op runs in Eigen already, without the dilated form's overhead). Not for one-channel layers: the forward
+    pass of a grayscale 3x3 stride-2 layer, 1 -> 32 channels (the demo teacher's first), took 2.6 ms in Eigen's
+    dilated form against 0.8 ms in YNNPACK (benchmarks/results/xla_cpu_conv_paths.md)."""
     small_grid = output_shape[1] * output_shape[2] <= EIGEN_MAX_OUTPUT_AREA
-    return small_grid and max(kernel_shape[2], kernel_shape[3]) > YNNPACK_DECLINES_UP_TO_CHANNELS
+    wide = max(kernel_shape[2], kernel_shape[3]) > YNNPACK_DECLINES_UP_TO_CHANNELS
+    return small_grid and wide and kernel_shape[2] > SCATTER_MAX_INPUT_CHANNELS
 
 
 def _forward_cpu(x, kernel, strides, pads, precision):
