@@ -4,6 +4,7 @@ A tiny MLP is trained for about a second on sklearn's bundled 8x8 digits; attack
 iteration counts passed as parameters. A model is a pair (apply_fn, variables), as the attacks take it.
 """
 
+import dataclasses
 import functools
 import importlib
 import re
@@ -654,3 +655,39 @@ def test_an_apgd_iteration_split_over_devices_runs_without_collectives(model, ev
     assert not COLLECTIVE.search(_apgd_step_hlo(model, eval_set, common_module.batch_sharding))
     # the check can fail: a state left to XLA's choice of layout makes the same step gather the loss history
     assert COLLECTIVE.search(_apgd_step_hlo(model, eval_set, lambda images: None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountUp:
+    """A per-row step: rows below their limit count up by one."""
+
+    def __call__(self, consts, i, state):
+        (limit,) = consts
+        return (jnp.where(state[0] < limit, state[0] + 1, state[0]),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnyBelow:
+    def __call__(self, consts, state):
+        return jnp.any(state[0] < consts[0])
+
+
+def test_the_device_loop_on_a_split_batch_runs_on_each_device_without_collectives():
+    """On a batch split over the 8 test devices the device loop is mapped over the mesh: each device iterates over its
+    own rows and looks at its own stop condition, so the compiled loop has no collective (no device waits for
+    another), and gives the result of the loop over the whole batch."""
+    sharding = parallel.batch_sharded(parallel.make_mesh())
+    limit = jax.device_put(np.arange(16, dtype=np.float32), sharding)
+    state = (jax.device_put(np.zeros(16, np.float32), sharding),)
+    specs = common_module._batch_specs((limit,), state)
+    assert specs is not None and specs[0] == sharding.mesh
+
+    def loop_text(specs):
+        lowered = common_module._device_while.lower(_CountUp(), _AnyBelow(), 40, (limit,), state, 10, specs)
+        return lowered.compile().as_text()
+
+    assert not COLLECTIVE.search(loop_text(specs))
+    assert COLLECTIVE.search(loop_text(None))  # the check can fail: as one program, the stop condition is a reduction
+    (counted,) = common_module.run_while(_CountUp(), _AnyBelow(), 40, (limit,), state, host=False)
+    np.testing.assert_array_equal(np.asarray(counted), np.arange(16))
+    assert common_module._batch_specs((np.float32(1.0),), (jnp.zeros(3),)) is None  # nothing split: no mapping

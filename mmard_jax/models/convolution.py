@@ -86,7 +86,7 @@ def prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> b
     Eigen (on CPU): a small output grid, and more than 16 channels on one side (with fewer, YNNPACK declines it and
     the plain op runs in Eigen already, without the dilated form's overhead). Not for one-channel layers: the forward
     pass of a grayscale 3x3 stride-2 layer, 1 -> 32 channels (the demo teacher's first), took 2.6 ms in Eigen's
-    dilated form against 0.8 ms in YNNPACK (benchmarks/results/xla_cpu_conv_paths.md)."""
+    dilated form against 0.8 ms in YNNPACK (benchmarks/results/xla_cpu_conv_paths_grayscale.md)."""
     small_grid = output_shape[1] * output_shape[2] <= EIGEN_MAX_OUTPUT_AREA
     wide = max(kernel_shape[2], kernel_shape[3]) > YNNPACK_DECLINES_UP_TO_CHANNELS
     return small_grid and wide and kernel_shape[2] > SCATTER_MAX_INPUT_CHANNELS
