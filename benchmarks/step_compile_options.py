@@ -51,6 +51,7 @@ VARIANTS = {  # name: the options (None: the product's own, compilations.compile
     "XLA defaults": (),
     "LLVM level 0": (("xla_backend_optimization_level", 0),),
     "attack options": attack_common.CPU_COMPILER_OPTIONS,
+    "YNNPACK reductions": (compilations.LLVM_LEVEL_1,),  # the product's, but XLA's default of what YNNPACK runs
     PRODUCT: None,
 }
 DEFAULT_VARIANTS = ("XLA defaults", "attack options", PRODUCT)

@@ -15,10 +15,22 @@ import numpy as np
 # convolution and matrix library calls, which LLVM does not generate, so it only has the element-wise fusions to
 # optimise, and level 1 compiles them faster. benchmarks/step_compile_options.py measures the train step: compile time
 # 7-21 % lower on the demo, 0-15 % on CIFAR-shaped ResNet-18 steps, steps within noise, and the same bits in the first
-# update at both sizes (at test sizes the two differ by float32 rounding, ~1e-9). Level 0 compiles faster still but
+# update at both sizes (at test sizes the two differ by float32 rounding, ~1e-9). Reductions that XLA emits itself
+# (below) may sum in another order at level 1 than at 3: float32 rounding. Level 0 compiles faster still but
 # runs the demo's steps 1.8-2.2x slower. The AutoAttack programs add the classic emitters (mmard_jax.attacks.autoattack),
 # which compile the train step slower.
-CPU_COMPILER_OPTIONS = (("xla_backend_optimization_level", 1),)
+LLVM_LEVEL_1 = ("xla_backend_optimization_level", 1)
+# YNNPACK, XLA:CPU's library for convolutions and matrix products, by default also takes over reductions fused with
+# their element-wise producers. Here those stay with XLA. The sum over output channels of a one-channel layer's input
+# gradient (models/convolution.py: scattered_input_gradient) ran as one YNNPACK fusion per PGD iteration, 6 ms each:
+# with XLA's default the demo's steps are 1.9x (MMARD) and 1.5x (RSLAD) slower
+# (benchmarks/results/step_compile_options_ynnpack.md, the "YNNPACK reductions" variant). CIFAR-shaped steps: within
+# noise (ad hoc). The results change by float32 rounding only (a reduction's summation order).
+YNNPACK_CONVOLUTIONS_AND_DOTS = (
+    "xla_cpu_experimental_ynn_fusion_type",
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+)
+CPU_COMPILER_OPTIONS = (LLVM_LEVEL_1, YNNPACK_CONVOLUTIONS_AND_DOTS)
 
 
 def _identity(x):

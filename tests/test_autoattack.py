@@ -615,10 +615,12 @@ def _apgd_ce_iteration(apply_fn, variables, x, y, state_sharding=None):
     return apgd_module._ApgdStep(apply_fn, settings), (batch.variables, x, y, targets, batch.eps), state
 
 
-def test_the_cpu_compiler_options_change_no_bit_of_an_apgd_iteration(digits):
-    """common.CPU_COMPILER_OPTIONS only make compilation faster: an APGD-CE iteration of a max-pool CNN (forward pass,
-    input gradient through convolutions and max-pooling, the step's bookkeeping) gives the same bits with them as with
-    XLA's defaults."""
+def test_the_cpu_compiler_options_change_an_apgd_iteration_by_float_rounding_at_most(digits):
+    """common.CPU_COMPILER_OPTIONS make compilation faster and choose what YNNPACK runs; they change no result beyond
+    the summation order of reductions. An APGD-CE iteration of a max-pool CNN (forward pass, input gradient through
+    convolutions and max-pooling, the step's bookkeeping) compiled with them and with XLA's defaults: the gradients
+    agree to float32 rounding (a one-channel layer's input gradient sums in XLA's loops, not YNNPACK's), and every
+    other leaf, the step included, to the bit."""
     from mmard_jax.models import create_model
 
     module = create_model("cnn", 10, widths=(8, 16), hidden=32, downsample="max_pool")
@@ -633,7 +635,11 @@ def test_the_cpu_compiler_options_change_no_bit_of_an_apgd_iteration(digits):
     default = two_iterations(lowered.compile())
     tuned = two_iterations(lowered.compile(compiler_options=dict(common_module.CPU_COMPILER_OPTIONS)))
     for name in state:
-        np.testing.assert_array_equal(np.asarray(tuned[name]), np.asarray(default[name]), err_msg=name)
+        if name.startswith("grad"):
+            scale = np.abs(np.asarray(default[name])).max()
+            np.testing.assert_allclose(tuned[name], default[name], rtol=0, atol=1e-5 * scale, err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.asarray(tuned[name]), np.asarray(default[name]), err_msg=name)
     assert not np.array_equal(np.asarray(default["x_adv"]), np.asarray(state["x_adv"]))  # the step moved x_adv
 
 

@@ -11,8 +11,42 @@ from mmard_jax import compilations, parallel
 
 def test_cpu_programs_compile_at_llvm_level_1_and_options_this_xla_refuses_give_none():
     assert jax.default_backend() == "cpu"
-    assert compilations.compiler_options() == {"xla_backend_optimization_level": 1}
+    assert compilations.compiler_options() == {
+        "xla_backend_optimization_level": 1,
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    }
     assert compilations.compiler_options((("xla_no_such_option_for_this_test", 1),)) is None
+
+
+def _summed_products(dy, kernel):  # scattered_input_gradient's sum over output channels
+    return jnp.sum(dy[..., None, :] * kernel.reshape(-1, kernel.shape[-1]), axis=-1)
+
+
+def _convolution(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("options", ["xla", "product"])
+def test_with_the_products_options_ynnpack_keeps_convolutions_but_not_reductions(options):
+    """XLA's default hands a reduction fused with its products to YNNPACK; the product's options keep it in XLA's own
+    loops while convolutions still go to YNNPACK."""
+    options = compilations.compiler_options() if options == "product" else {}
+
+    rng = np.random.default_rng(0)
+
+    def ynnpack_fusions(fn, *shapes):
+        args = [rng.standard_normal(shape, np.float32) for shape in shapes]
+        compiled = jax.jit(fn).lower(*args).compile(compiler_options=options)
+        if fn is _summed_products:  # in float64
+            dy, kernel = (a.astype(np.float64) for a in args)
+            expected = np.sum(dy[..., None, :] * kernel.reshape(-1, kernel.shape[-1]), axis=-1)
+        else:
+            expected = jax.jit(fn)(*args)
+        np.testing.assert_allclose(compiled(*args), expected, rtol=2e-5, atol=2e-5)
+        return compiled.as_text().count("kind=kCustom, calls=")  # YNNPACK's fusions are custom fusions
+
+    assert ynnpack_fusions(_convolution, (8, 14, 14, 32), (3, 3, 32, 32)) >= 1
+    assert ynnpack_fusions(_summed_products, (8, 14, 14, 32), (3, 3, 1, 32)) == (0 if options else 1)
 
 
 def _double_sum(x):

@@ -44,6 +44,9 @@ CASES = [
     (12, 11, 1, 8, 3, 1, ((1, 1), (1, 1))),
     (13, 12, 1, 8, 3, 2, ((1, 0), (2, 1))),
     (10, 9, 1, 6, 4, 3, ((0, 1), (1, 1))),
+    # ... and with 25 taps or more the forward pass is a matrix product of the input's patches
+    (13, 12, 1, 8, 5, 2, ((1, 0), (2, 1))),
+    (11, 10, 1, 6, 6, 3, ((2, 1), (0, 2))),
 ]
 
 
@@ -99,8 +102,8 @@ def test_cpu_routes_small_wide_grids_and_kernel_gradients_to_the_row_dilated_for
 
 
 def test_one_input_channel_scatters_its_input_gradient_on_cpu_only():
-    """No convolution is left for the input gradient of a one-channel layer on CPU (it is a matrix product and
-    strided adds); GPU and TPU keep autodiff's three convolutions."""
+    """No convolution is left for the input gradient of a one-channel layer on CPU (it is a sum over the output
+    channels and strided adds); GPU and TPU keep autodiff's three convolutions."""
     grayscale = jnp.ones((2, 12, 12, 1)), jnp.ones((3, 3, 1, 16))
     assert len(_convolutions("cpu", *grayscale)) == 2  # forward and kernel gradient
     assert len(_convolutions("cuda", *grayscale)) == 3
@@ -177,3 +180,26 @@ def test_gradient_of_gradient_matches_autodiff():
 
     want = penalty(jax.lax.conv_general_dilated)
     np.testing.assert_allclose(penalty(convolution.conv_general_dilated), want, rtol=0, atol=1e-4 * jnp.abs(want).max())
+
+
+def test_a_one_channel_layer_with_25_taps_or_more_runs_its_forward_pass_as_a_product_of_patches_on_cpu_only():
+    """A 5x5 one-channel layer keeps only its kernel gradient as a convolution on CPU (forward: patches times the
+    kernel matrix; input gradient: scattered); 3x3 keeps its forward convolution; GPU keeps all three."""
+    five = jnp.ones((2, 12, 12, 1)), jnp.ones((5, 5, 1, 16))
+    assert len(_convolutions("cpu", *five)) == 1
+    assert len(_convolutions("cuda", *five)) == 3
+    three = jnp.ones((2, 12, 12, 1)), jnp.ones((3, 3, 1, 16))
+    assert len(_convolutions("cpu", *three)) == 2
+
+
+@pytest.mark.parametrize("stride, pads", [((1, 1), ((0, 0), (0, 0))), ((2, 3), ((2, 1), (0, 3)))])
+def test_patches_forward_is_the_convolution(stride, pads):
+    """`patches_forward` against the plain op: one and several input channels, unequal strides, asymmetric padding."""
+    rng = np.random.default_rng(7)
+    for c_in in (1, 3):
+        x = rng.standard_normal((2, 11, 13, c_in)).astype(np.float32)
+        kernel = rng.standard_normal((5, 4, c_in, 6)).astype(np.float32)
+        want = jax.lax.conv_general_dilated(x, kernel, stride, pads, dimension_numbers=NHWC)
+        got = convolution.patches_forward(jnp.asarray(x), jnp.asarray(kernel), stride, pads)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

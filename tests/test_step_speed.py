@@ -94,7 +94,7 @@ def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change
     tmp_path, monkeypatch
 ):
     """benchmarks/step_compile_options.py at test sizes: both variants compiled and timed, and the product's first
-    update within float32 rounding of the one compiled with XLA's default options (LLVM level 1 vs 3)."""
+    update within float32 rounding of the one compiled with XLA's default options (LLVM level 1 vs 3, YNNPACK's share)."""
     import step_compile_options
 
     from mmard_jax import compilations
@@ -108,7 +108,7 @@ def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change
     assert all(seconds > 0 for seconds in product.compile_seconds + defaults.compile_seconds + product.step_seconds)
     assert len(product.first_update) == len(defaults.first_update) > 3
     assert step_compile_options.largest_difference(defaults.first_update, product.first_update) < 1e-6
-    assert "| product (xla_backend_optimization_level=1) |" in report.read_text()
+    assert f"| product ({step_compile_options.format_options(compilations.compiler_options())}) |" in report.read_text()
 
 
 def test_the_start_up_benchmark_runs_and_the_one_program_init_gives_the_op_by_op_bits(tmp_path):

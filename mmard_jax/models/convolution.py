@@ -10,8 +10,10 @@ more and a row stride twice the original (``rows_dilated``): output row ``o`` th
 ``2(t o + r i - p)``, which is input row ``t o + r i - p``, the original element. Same products, Eigen's kernel.
 (Convolutions with 16 channels or fewer run in Eigen as they are, so only their kernel gradients are rewritten.)
 A third kind loses in both libraries: the input gradient of a layer with one input channel (a grayscale image's first
-convolution), which XLA runs as a convolution whose patches span every output channel. There it is a matrix product
-and one strided add per kernel tap (``scattered_input_gradient``), 3-5.6x faster at stride 1.
+convolution), which XLA runs as a convolution whose patches span every output channel. There it is a sum over the
+output channels and one strided add per kernel tap (``scattered_input_gradient``), 3-5.6x faster at stride 1. The
+forward pass of such a layer with a 5x5 kernel or larger also suits neither library: it is a matrix product of the
+input's patches (``patches_forward``).
 
 Only on CPU (``lax.platform_dependent``); on GPU and TPU every pass is autodiff's own. The custom gradient
 covers float32 2-D NHWC / HWIO convolutions without dilation, groups or negative (cropping) padding (every
@@ -46,6 +48,13 @@ YNNPACK_DECLINES_UP_TO_CHANNELS = 16
 # 1.5x at stride 2 (benchmarks/results/xla_cpu_conv_paths.md). RGB first layers stay with XLA: a trial with 2-3 input
 # channels found no gain.
 SCATTER_MAX_INPUT_CHANNELS = 1
+# Forward passes of layers with this many input channels or fewer and at least this many kernel taps are a matrix
+# product of the input's patches (``patches_forward``) on CPU. For the AutoAttack benchmark's 5x5, 1 -> 16 first layer
+# both of XLA's convolution libraries run at a third of PyTorch's speed; as patches, APGD-CE and Square (whole runs,
+# ad hoc) took 27-28 % less time. The demo's 3x3 layers (stride 2) stay with XLA: as patches its train steps were
+# 1.2x (MMARD) and 1.5x (RSLAD) slower (ad hoc, interleaved in one process).
+PATCHES_MAX_INPUT_CHANNELS = 1
+PATCHES_MIN_TAPS = 25
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -92,7 +101,29 @@ def prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> b
     return small_grid and wide and kernel_shape[2] > SCATTER_MAX_INPUT_CHANNELS
 
 
+def patches_forward(x, kernel, strides: tuple[int, int], pads: Pads, precision: Any = None):
+    """conv(x, k) as one matrix product: the (padded) input's patches, one strided slice per kernel tap side by side
+    on the channel axis, times the kernel as a (taps x in) x out matrix. For one input channel the patches are only
+    kh x kw copies of the input, and the product goes to XLA:CPU's matrix library, where the convolution itself
+    (25 products per output of a 5x5 layer) suits neither of its convolution libraries."""
+    kh, kw, in_channels, out_channels = kernel.shape
+    (top, bottom), (left, right) = pads
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    (sh, sw) = strides
+    oh, ow = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    taps = [
+        padded[:, a : a + sh * (oh - 1) + 1 : sh, b : b + sw * (ow - 1) + 1 : sw, :]
+        for a in range(kh)
+        for b in range(kw)
+    ]
+    patches = jnp.concatenate(taps, axis=-1)  # channel index (a * kw + b) * in + i, as the kernel's rows below
+    return jnp.dot(patches, kernel.reshape(kh * kw * in_channels, out_channels), precision=precision)
+
+
 def _forward_cpu(x, kernel, strides, pads, precision):
+    kh, kw, in_channels, _ = kernel.shape
+    if in_channels <= PATCHES_MAX_INPUT_CHANNELS and kh * kw >= PATCHES_MIN_TAPS:
+        return patches_forward(x, kernel, strides, pads, precision)
     out_shape = lax.conv_general_shape_tuple(x.shape, kernel.shape, strides, pads, ("NHWC", "HWIO", "NHWC"))
     if prefers_eigen(out_shape, kernel.shape):
         return rows_dilated(x, kernel, strides, pads, precision=precision)
@@ -132,23 +163,24 @@ def input_gradient(dy, kernel, pads: Pads, precision: Any = None):
     )
 
 
-def scattered_input_gradient(
-    dy, kernel, strides: tuple[int, int], pads: Pads, input_hw: tuple[int, int], precision=None
-):
-    """d(sum(dy * conv(x, k)))/dx by scattering: one matrix product over the output channels gives every output
+def scattered_input_gradient(dy, kernel, strides: tuple[int, int], pads: Pads, input_hw: tuple[int, int]):
+    """d(sum(dy * conv(x, k)))/dx by scattering: a sum over the output channels gives every output
     position's contribution to each of its kernel taps, and each tap adds its plane onto the (padded) input grid at
     its offset, stepping by the stride. For few input channels this moves far less memory than the convolution
     XLA:CPU would run instead (whose patches span all output channels)."""
     kh, kw, in_channels, _ = kernel.shape
     (top, bottom), (left, right) = pads
     (sh, sw), (oh, ow) = strides, dy.shape[1:3]
-    taps = jnp.einsum("nhwo,abio->nhwiab", dy, kernel, precision=precision)
+    # A broadcast product summed over the output channels, not an einsum: XLA:CPU runs the einsum as a matrix product
+    # behind a transposing copy that costs more than the product (see compilations.YNNPACK_CONVOLUTIONS_AND_DOTS).
+    products = dy[..., None, :] * kernel.reshape(kh * kw * in_channels, -1)
+    taps = jnp.sum(products, axis=-1).reshape(*dy.shape[:3], kh, kw, in_channels)
     height, width = input_hw[0] + top + bottom, input_hw[1] + left + right
     padded = jnp.zeros((dy.shape[0], height, width, in_channels), dy.dtype)
     for a in range(kh):
         for b in range(kw):
             rows, cols = slice(a, a + sh * (oh - 1) + 1, sh), slice(b, b + sw * (ow - 1) + 1, sw)
-            padded = padded.at[:, rows, cols].add(taps[..., a, b])
+            padded = padded.at[:, rows, cols].add(taps[:, :, :, a, b])
     return padded[:, top : height - bottom, left : width - right]
 
 
@@ -172,7 +204,7 @@ def _conv2d_backward(strides, pads, precision, residuals, dy):
     def cpu_gradients(x, kernel, dy):
         dkernel = kernel_gradient(x, dy, strides, pads, kernel.shape[:2], precision).astype(kernel.dtype)
         if kernel.shape[2] <= SCATTER_MAX_INPUT_CHANNELS:
-            dx = scattered_input_gradient(dy, kernel, strides, pads, x.shape[1:3], precision).astype(x.dtype)
+            dx = scattered_input_gradient(dy, kernel, strides, pads, x.shape[1:3]).astype(x.dtype)
         elif strides == (1, 1) and prefers_eigen(x.shape, kernel.shape):
             dx = input_gradient(dy, kernel, pads, precision)
         else:  # a strided forward pass's input gradient has an input dilation already: Eigen takes it as it is

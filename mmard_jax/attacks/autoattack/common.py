@@ -38,8 +38,9 @@ N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the class
 # with its newer MLIR fusion emitters (7.3 s vs 12.6 s, one core, 100 digits, SmallCNN), and in two thirds of that
 # again with LLVM at optimisation level 1 (the product's CPU default, mmard_jax.compilations) instead of XLA's default
 # 3 (12.1-12.4 s vs 16.7-18.9 s, compiled rounds within noise; level 0 compiled in 4.6 s but ran 2.5x slower).
-# benchmarks/autoattack_compile_options.py measures the variants and checks that they give the same bits (also
-# checked on whole L2 and two-device runs). The classic emitters do not help the train step (it compiled slower).
+# benchmarks/autoattack_compile_options.py measures the variants and checked then that they give the same bits (also
+# on whole L2 and two-device runs); since reductions stay out of YNNPACK (compilations.YNNPACK_CONVOLUTIONS_AND_DOTS),
+# the variants may differ by float32 rounding. The classic emitters do not help the train step (it compiled slower).
 CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False), *compilations.CPU_COMPILER_OPTIONS)
 
 
