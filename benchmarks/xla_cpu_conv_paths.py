@@ -4,7 +4,8 @@ XLA:CPU (jaxlib 0.10) hands convolutions and dots to YNNPACK fusions by default;
 ``xla_cpu_experimental_ynn_fusion_type=""`` sends them all to its Eigen kernels instead. The product's models choose
 per convolution (``mmard_jax.models.convolution``: Eigen for kernel gradients and for output grids up to 16x16,
 YNNPACK for the rest). In one process, interleaved, this times each of: XLA with YNNPACK (the default), XLA with
-Eigen, the product's per-convolution choice, and eager PyTorch on the same shapes and weights:
+Eigen, the product's per-convolution choice (compiled with the product's own CPU options, as the product compiles its
+programs), and eager PyTorch on the same shapes and weights:
 
 1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient; and the
    forward pass and input gradient of the one-channel first layers of the MNIST models (batch 64);
@@ -42,8 +43,18 @@ from mmard_jax import host_devices  # noqa: E402  (no JAX import: sets the devic
 
 EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 PRODUCT = "mmard_jax, per convolution"
-# name: (whose convolutions the program is traced with, XLA compiler options)
-XLA_PATHS = {"XLA, YNNPACK (default)": ("xla", {}), "XLA, Eigen": ("xla", EIGEN), PRODUCT: ("product", {})}
+# name: (whose convolutions the program is traced with, XLA compiler options; None: the product's own, which
+# mmard_jax.compilations.compiler_options gives every program on CPU)
+XLA_PATHS = {"XLA, YNNPACK (default)": ("xla", {}), "XLA, Eigen": ("xla", EIGEN), PRODUCT: ("product", None)}
+
+
+def xla_options(options: dict | None) -> dict:
+    """A path's compiler options: ``options``, or the product's own CPU options for None."""
+    from mmard_jax import compilations
+
+    return dict(compilations.compiler_options() or {}) if options is None else options
+
+
 TORCH = "PyTorch"
 TINY_CNN = {"widths": (8, 16), "use_bn": True}  # --tiny: a BatchNorm CNN with a PyTorch twin
 
@@ -120,7 +131,7 @@ def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:
     lowered = lowered_per_kind(make_fn, args)
     thunks, errors = {}, {}
     for name, (kind, options) in XLA_PATHS.items():
-        executable = lowered[kind].compile(compiler_options=options)
+        executable = lowered[kind].compile(compiler_options=xla_options(options))
         errors[name] = relative_error(executable(*args), reference)
         thunks[name] = lambda executable=executable: jax.block_until_ready(executable(*args))
     return thunks, errors
@@ -306,7 +317,7 @@ def train_step_row(method: str, tiny: bool, repeats: int) -> str:
     lowered = lowered_per_kind(lambda kind: step, (side.state, side.teacher_vars, side.images, side.labels))
     thunks, first_metrics = {}, {}
     for name, (kind, options) in XLA_PATHS.items():
-        compiled = step_speed.Compiled(lowered[kind].compile(compiler_options=options), 0.0, 0.0)
+        compiled = step_speed.Compiled(lowered[kind].compile(compiler_options=xla_options(options)), 0.0, 0.0)
         own_state = jax.tree.map(lambda leaf: leaf.copy(), side.state)  # each path's runner donates its own copy
         thunks[name] = step_speed.jax_runner(dataclasses.replace(side, state=own_state), compiled)
         first_metrics[name] = thunks[name]()

@@ -172,7 +172,9 @@ def scattered_input_gradient(dy, kernel, strides: tuple[int, int], pads: Pads, i
     (top, bottom), (left, right) = pads
     (sh, sw), (oh, ow) = strides, dy.shape[1:3]
     # A broadcast product summed over the output channels, not an einsum: XLA:CPU runs the einsum as a matrix product
-    # behind a transposing copy that costs more than the product (see compilations.YNNPACK_CONVOLUTIONS_AND_DOTS).
+    # behind a transposing copy that costs more than the product (a jax.profiler trace of APGD-CE: over half of each
+    # iteration; benchmarks/results/autoattack_speed.md). compilations.YNNPACK_CONVOLUTIONS_AND_DOTS keeps the sum in
+    # XLA's own loop.
     products = dy[..., None, :] * kernel.reshape(kh * kw * in_channels, -1)
     taps = jnp.sum(products, axis=-1).reshape(*dy.shape[:3], kh, kw, in_channels)
     height, width = input_hw[0] + top + bottom, input_hw[1] + left + right
