@@ -26,6 +26,14 @@ def format_options(options: dict) -> str:
     return ", ".join(f"{name}={value}" for name, value in options.items()) or "none"
 
 
+def options_or_products(options) -> dict:
+    """XLA compiler options as a dict: ``options``, or for None the product's own CPU options
+    (``mmard_jax.compilations.compiler_options``, what the product compiles its programs with)."""
+    from mmard_jax import compilations
+
+    return dict(compilations.compiler_options() or {}) if options is None else dict(options)
+
+
 def interleaved_medians(thunks: dict, repeats: int) -> dict:
     """Median seconds of each thunk over ``repeats`` turns in which every thunk runs once (interleaved: a busy spell
     hits all of them alike), after one warm-up call each."""

@@ -39,6 +39,7 @@ from benchmark_report import (  # noqa: E402
     format_steal,
     joined,
     load_contention,
+    options_or_products,
     publish,
     wait_for_quiet,
 )
@@ -81,8 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def variant_options(name: str) -> dict:
-    options = VARIANTS[name]
-    return dict(compilations.compiler_options() or {}) if options is None else dict(options)
+    return options_or_products(VARIANTS[name])
 
 
 def compile_fresh(lowered, options: dict) -> tuple[object, float]:

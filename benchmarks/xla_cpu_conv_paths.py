@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_report import options_or_products  # noqa: E402  (imports JAX only when called)
+
 from mmard_jax import host_devices  # noqa: E402  (no JAX import: sets the device count before JAX starts)
 
 EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -46,13 +48,6 @@ PRODUCT = "mmard_jax, per convolution"
 # name: (whose convolutions the program is traced with, XLA compiler options; None: the product's own, which
 # mmard_jax.compilations.compiler_options gives every program on CPU)
 XLA_PATHS = {"XLA, YNNPACK (default)": ("xla", {}), "XLA, Eigen": ("xla", EIGEN), PRODUCT: ("product", None)}
-
-
-def xla_options(options: dict | None) -> dict:
-    """A path's compiler options: ``options``, or the product's own CPU options for None."""
-    from mmard_jax import compilations
-
-    return dict(compilations.compiler_options() or {}) if options is None else options
 
 
 TORCH = "PyTorch"
@@ -131,7 +126,7 @@ def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:
     lowered = lowered_per_kind(make_fn, args)
     thunks, errors = {}, {}
     for name, (kind, options) in XLA_PATHS.items():
-        executable = lowered[kind].compile(compiler_options=xla_options(options))
+        executable = lowered[kind].compile(compiler_options=options_or_products(options))
         errors[name] = relative_error(executable(*args), reference)
         thunks[name] = lambda executable=executable: jax.block_until_ready(executable(*args))
     return thunks, errors
@@ -317,7 +312,7 @@ def train_step_row(method: str, tiny: bool, repeats: int) -> str:
     lowered = lowered_per_kind(lambda kind: step, (side.state, side.teacher_vars, side.images, side.labels))
     thunks, first_metrics = {}, {}
     for name, (kind, options) in XLA_PATHS.items():
-        compiled = step_speed.Compiled(lowered[kind].compile(compiler_options=xla_options(options)), 0.0, 0.0)
+        compiled = step_speed.Compiled(lowered[kind].compile(compiler_options=options_or_products(options)), 0.0, 0.0)
         own_state = jax.tree.map(lambda leaf: leaf.copy(), side.state)  # each path's runner donates its own copy
         thunks[name] = step_speed.jax_runner(dataclasses.replace(side, state=own_state), compiled)
         first_metrics[name] = thunks[name]()

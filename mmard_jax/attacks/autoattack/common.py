@@ -90,7 +90,7 @@ def default_ids_and_mask(images: jax.Array, example_ids, active) -> tuple[jax.Ar
         raise ValueError(f"example_ids and active must have shape ({n},), got {ids.shape} and {mask.shape}")
     sharding = batch_sharding(images)
     if sharding is not None:
-        ids, mask = (a if a.sharding == sharding else jax.device_put(a, sharding) for a in (ids, mask))
+        ids, mask = jax.device_put((ids, mask), sharding)
     return ids, mask
 
 
