@@ -27,7 +27,7 @@ def _value_and_grads(conv, x, kernel, strides, padding):
 
 
 CASES = [
-    # (height, width, in, out, kernel, stride, padding): 32x32 (YNNPACK), <= 16x16 (Eigen), odd sizes, 1x1 strided
+    # (height, width, in, out, kernel, stride, padding): 32x32 (YNNPACK), <= 16x16 (Eigen gradients), odd sizes, 1x1 strided
     # shortcuts, asymmetric and string padding, a 5x5 kernel, padding wider than the kernel's reach
     (32, 32, 24, 32, 3, 1, ((1, 1), (1, 1))),
     (16, 16, 24, 32, 3, 1, ((1, 1), (1, 1))),
@@ -39,6 +39,9 @@ CASES = [
     (8, 8, 20, 24, 3, 1, "SAME"),
     (9, 9, 20, 24, 3, 2, "VALID"),
     (6, 6, 20, 24, 3, 1, ((3, 3), (2, 2))),
+    # more than 64 channels on a small grid: the forward pass is row-dilated (Eigen) too
+    (8, 8, 24, 72, 3, 1, ((1, 1), (1, 1))),
+    (9, 9, 72, 24, 3, 2, ((1, 1), (1, 1))),
     # one input channel (a grayscale first layer): the input gradient is scattered tap by tap
     (28, 28, 1, 16, 5, 1, "VALID"),
     (12, 11, 1, 8, 3, 1, ((1, 1), (1, 1))),
@@ -90,10 +93,13 @@ def _convolutions(platform, x, kernel):
 
 
 def test_cpu_routes_small_wide_grids_and_kernel_gradients_to_the_row_dilated_form_other_platforms_do_not():
-    small = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))  # 8x8 output: forward, input and kernel gradients
-    large = jnp.ones((2, 32, 32, 32)), jnp.ones((3, 3, 32, 32))  # 32x32 output: only the kernel gradient
+    small = jnp.ones((2, 8, 8, 72)), jnp.ones((3, 3, 72, 72))  # 8x8 output: forward, input and kernel gradients
+    large = jnp.ones((2, 32, 32, 72)), jnp.ones((3, 3, 72, 72))  # 32x32 output: only the kernel gradient
     assert [("lhs_dilate" in op) for op in _convolutions("cpu", *small)] == [True, True, True]
     assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *large)) == [False, False, True]
+    # 64 channels or fewer on a small grid: the forward pass stays XLA's, both gradients are row-dilated
+    narrow = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 64))
+    assert [("lhs_dilate" in op) for op in _convolutions("cpu", *narrow)] == [False, True, True]
     few_channels = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 16))  # YNNPACK declines it: only the kernel gradient
     assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *few_channels)) == [False, False, True]
     for platform in ("cuda", "tpu"):

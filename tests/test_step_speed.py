@@ -121,3 +121,21 @@ def test_the_start_up_benchmark_runs_and_the_one_program_init_gives_the_op_by_op
     assert result["comparison"] == "same bits"
     assert all(s > 0 for way in result["ways"] for s in result["seconds"][way])
     assert "| initialise cnn |" in report.read_text()
+
+
+def test_the_forward_routing_benchmark_runs_tiny_and_only_the_routing_differs(tmp_path):
+    """benchmarks/conv_forward_routing.py at test sizes: both thresholds compiled and timed for AutoAttack and the two
+    demo steps, the product's programs have fewer row-dilated convolutions (the comparison is not vacuous), and both
+    give the same robust accuracy and the same first loss up to float32 rounding."""
+    import conv_forward_routing as routing
+
+    report = tmp_path / "routing.md"
+    argv = ["--epochs", "0", "--n-examples", "32", "--iterations", "2", "--square-queries", "20", "--tiny"]
+    results = routing.main([*argv, "--rounds", "1", "--steps", "1", "--settle", "0", "--output", str(report)])
+    assert set(results) == {"autoattack", "mmard", "rslad"}
+    for workload, variants in results.items():
+        product, before = variants[routing.PRODUCT], variants[routing.BEFORE]
+        assert all(seconds > 0 for seconds in product["seconds"] + before["seconds"]), workload
+        assert 0 < product["row_dilated"] < before["row_dilated"], workload
+        assert abs(product["result"] - before["result"]) <= 1e-5 * max(1.0, abs(before["result"])), workload
+    assert report.read_text().count("| before (Eigen above 16 channels) |") == 3

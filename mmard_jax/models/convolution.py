@@ -9,6 +9,8 @@ So those passes are written here as the same sum with the input rows dilated by 
 more and a row stride twice the original (``rows_dilated``): output row ``o`` then reads dilated row
 ``2(t o + r i - p)``, which is input row ``t o + r i - p``, the original element. Same products, Eigen's kernel.
 (Convolutions with 16 channels or fewer run in Eigen as they are, so only their kernel gradients are rewritten.)
+The forward pass of a narrow layer on a small grid (64 channels or fewer on both sides) stays with YNNPACK, which
+runs those faster; its input gradient still goes to Eigen.
 A third kind loses in both libraries: the input gradient of a layer with one input channel (a grayscale image's first
 convolution), which XLA runs as a convolution whose patches span every output channel. There it is a sum over the
 output channels and one strided add per kernel tap (``scattered_input_gradient``), 3-5.6x faster at stride 1. The
@@ -43,6 +45,12 @@ KERNEL_GRADIENT = ("CHWN", "IHWO", "HWNC")
 EIGEN_MAX_OUTPUT_AREA = 256
 # XLA:CPU keeps convolutions with at most this many input and output channels away from YNNPACK.
 YNNPACK_DECLINES_UP_TO_CHANNELS = 16
+# Forward passes on small grids go to Eigen only with more than this many channels on one side (ResNet-18's 16x16 to
+# 4x4 stages have 128-512). Narrower ones run faster in YNNPACK: the AutoAttack benchmark's 5x5, 16 -> 32 layer on an
+# 8x8 grid (a whole AutoAttack run 5-7 % faster once compiled) and the demo's stride-2 16 -> 32 and 32 -> 64 layers
+# (steps 1-4 % faster), both on an AMD EPYC host (AVX-512): benchmarks/results/conv_forward_routing.md. Their input
+# gradients stay with Eigen, where they are faster (with YNNPACK's the AutoAttack run took 1.6x as long, ad hoc).
+EIGEN_FORWARD_MIN_CHANNELS = 64
 # Input gradients of convolutions with this many input channels or fewer (a grayscale image's first layer) are
 # scattered tap by tap (``scattered_input_gradient``) on CPU: 3-5.6x faster than XLA:CPU's default at stride 1, up to
 # 1.5x at stride 2 (benchmarks/results/xla_cpu_conv_paths.md). RGB first layers stay with XLA: a trial with 2-3 input
@@ -101,6 +109,13 @@ def prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> b
     return small_grid and wide and kernel_shape[2] > SCATTER_MAX_INPUT_CHANNELS
 
 
+def forward_prefers_eigen(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
+    """Whether a forward pass is better written for Eigen (on CPU): as `prefers_eigen`, and more than
+    EIGEN_FORWARD_MIN_CHANNELS channels on one side."""
+    wide = max(kernel_shape[2], kernel_shape[3]) > EIGEN_FORWARD_MIN_CHANNELS
+    return wide and prefers_eigen(output_shape, kernel_shape)
+
+
 def patches_forward(x, kernel, strides: tuple[int, int], pads: Pads, precision: Any = None):
     """conv(x, k) as one matrix product: the (padded) input's patches, one strided slice per kernel tap side by side
     on the channel axis, times the kernel as a (taps x in) x out matrix. For one input channel the patches are only
@@ -125,7 +140,7 @@ def _forward_cpu(x, kernel, strides, pads, precision):
     if in_channels <= PATCHES_MAX_INPUT_CHANNELS and kh * kw >= PATCHES_MIN_TAPS:
         return patches_forward(x, kernel, strides, pads, precision)
     out_shape = lax.conv_general_shape_tuple(x.shape, kernel.shape, strides, pads, ("NHWC", "HWIO", "NHWC"))
-    if prefers_eigen(out_shape, kernel.shape):
+    if forward_prefers_eigen(out_shape, kernel.shape):
         return rows_dilated(x, kernel, strides, pads, precision=precision)
     return _autodiff(x, kernel, strides, pads, precision)
 
