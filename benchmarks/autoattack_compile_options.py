@@ -72,17 +72,11 @@ def run_variant(args, options) -> dict:
     if options is not None:
         common.CPU_COMPILER_OPTIONS = tuple(tuple(option) for option in options)
     import autoattack_twin as twin
-    import jax
 
     images, labels = twin.load_mnist5k()
-    train = slice(0, twin.N_TRAIN)
-    if args.epochs == 0:
-        model = twin.SmallCNN()
-        apply_fn, variables = model.apply, model.init(jax.random.key(args.seed), images[:1])
-    else:
-        apply_fn, variables = twin.trained_model(
-            args.model_cache, images[train], labels[train], eps=args.eps, epochs=args.epochs, seed=args.seed
-        )
+    apply_fn, variables = twin.benchmark_model(
+        args.model_cache, images, labels, eps=args.eps, epochs=args.epochs, seed=args.seed
+    )
     test = slice(twin.N_TRAIN, twin.N_TRAIN + args.n_examples)
     budgets = {} if args.square_queries is None else dict(square=dict(n_queries=args.square_queries))
     rounds = []

@@ -131,6 +131,16 @@ def trained_model(cache: Path | None, images, labels, **train_kwargs):
     return model.apply, {"params": params}
 
 
+def benchmark_model(cache: Path | None, images, labels, *, eps: float, epochs: int, seed: int):
+    """The SmallCNN the benchmarks attack, trained on the first N_TRAIN of (images, labels) (or loaded from the
+    cache); untrained (initialised from ``seed``) for ``epochs`` 0, a quick smoke run. Returns (apply_fn, variables)."""
+    if epochs == 0:
+        model = SmallCNN()
+        return model.apply, model.init(jax.random.key(seed), images[:1])
+    train = slice(0, N_TRAIN)
+    return trained_model(cache, images[train], labels[train], eps=eps, epochs=epochs, seed=seed)
+
+
 def torch_twin(params):
     """The same network in PyTorch (NCHW input), weights copied from the Flax parameters."""
     import torch

@@ -88,14 +88,9 @@ def autoattack_runs(args) -> tuple[dict, list[str], dict[str, float]]:
     from mmard_jax.attacks.autoattack import run_autoattack
 
     images, labels = twin.load_mnist5k()
-    if args.epochs == 0:
-        model = twin.SmallCNN()
-        apply_fn, variables = model.apply, model.init(jax.random.key(args.seed), images[:1])
-    else:
-        train = slice(0, twin.N_TRAIN)
-        apply_fn, variables = twin.trained_model(
-            args.model_cache, images[train], labels[train], eps=args.eps, epochs=args.epochs, seed=args.seed
-        )
+    apply_fn, variables = twin.benchmark_model(
+        args.model_cache, images, labels, eps=args.eps, epochs=args.epochs, seed=args.seed
+    )
     test = slice(twin.N_TRAIN, twin.N_TRAIN + args.n_examples)
     budgets = {}
     if args.iterations is not None:

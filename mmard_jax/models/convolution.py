@@ -47,8 +47,8 @@ EIGEN_MAX_OUTPUT_AREA = 256
 YNNPACK_DECLINES_UP_TO_CHANNELS = 16
 # Forward passes on small grids go to Eigen only with more than this many channels on one side (ResNet-18's 16x16 to
 # 4x4 stages have 128-512). Narrower ones run faster in YNNPACK: the AutoAttack benchmark's 5x5, 16 -> 32 layer on an
-# 8x8 grid (a whole AutoAttack run 5-7 % faster once compiled) and the demo's stride-2 16 -> 32 and 32 -> 64 layers
-# (steps 1-4 % faster), both on an AMD EPYC host (AVX-512): benchmarks/results/conv_forward_routing.md. Their input
+# 8x8 grid (a whole AutoAttack run 2-8 % faster once compiled) and the demo's stride-2 16 -> 32 and 32 -> 64 layers
+# (steps 2-9 % faster), both on an AMD EPYC host (AVX-512): benchmarks/results/conv_forward_routing.md. Their input
 # gradients stay with Eigen, where they are faster (with YNNPACK's the AutoAttack run took 1.6x as long, ad hoc).
 EIGEN_FORWARD_MIN_CHANNELS = 64
 # Input gradients of convolutions with this many input channels or fewer (a grayscale image's first layer) are
