@@ -1,6 +1,8 @@
 """Compile time and speed of a whole AutoAttack run under different XLA:CPU options for the attacks' programs.
 
-The attacks compile with `mmard_jax.attacks.autoattack.common.CPU_COMPILER_OPTIONS` on CPU. This script runs the same
+The attacks' loops compile with `mmard_jax.attacks.autoattack.common.CPU_COMPILER_OPTIONS` on CPU, their once-per-batch
+programs with `ONE_SHOT_COMPILER_OPTIONS` (LLVM level 0); a variant's options replace both, except for "one level for
+all", which compiles the once-per-batch programs with the loops' options (as before 2026-12-07). This script runs the same
 AutoAttack 'standard' (the PGD-trained SmallCNN of autoattack_twin.py, held-out MNIST-5k digits) in a fresh process per
 variant, alternating the variants, two rounds each (the first compiles), and compares every variant's adversarial
 examples and robust mask with the product's. A variant that lets YNNPACK run what the product's options give it (LLVM's
@@ -21,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,10 +46,12 @@ from benchmark_report import (  # noqa: E402
 )
 
 CLASSIC_EMITTERS = (("xla_cpu_use_fusion_emitters", False),)
-VARIANTS = {  # name: the options, or None for the product's own CPU_COMPILER_OPTIONS
+LOOPS_OPTIONS_FOR_ALL = "loops' options"
+VARIANTS = {  # name: the options of every attack program, or None for the product's own
     "XLA defaults": (),
     "classic emitters": CLASSIC_EMITTERS,
     "YNNPACK reductions": (*CLASSIC_EMITTERS, ("xla_backend_optimization_level", 1)),  # XLA's default YNNPACK choice
+    "one level for all": LOOPS_OPTIONS_FOR_ALL,  # the once-per-batch programs compile as the loops do (LLVM level 1)
     "product": None,
 }
 
@@ -57,7 +62,7 @@ def gives_ynnpack_the_products_share(name: str) -> bool:
 
     option, products_choice = compilations.YNNPACK_CONVOLUTIONS_AND_DOTS
     options = VARIANTS[name]
-    return options is None or dict(options).get(option) == products_choice
+    return options in (None, LOOPS_OPTIONS_FOR_ALL) or dict(options).get(option) == products_choice
 
 
 def run_variant(args, options) -> dict:
@@ -69,8 +74,10 @@ def run_variant(args, options) -> dict:
     from mmard_jax import compilations
     from mmard_jax.attacks.autoattack import common, run_autoattack
 
-    if options is not None:
-        common.CPU_COMPILER_OPTIONS = tuple(tuple(option) for option in options)
+    if options == LOOPS_OPTIONS_FOR_ALL:
+        common.ONE_SHOT_COMPILER_OPTIONS = common.CPU_COMPILER_OPTIONS
+    elif options is not None:
+        common.CPU_COMPILER_OPTIONS = common.ONE_SHOT_COMPILER_OPTIONS = tuple(tuple(option) for option in options)
     import autoattack_twin as twin
 
     images, labels = twin.load_mnist5k()
@@ -89,14 +96,19 @@ def run_variant(args, options) -> dict:
             )  # fmt: skip
         rounds.append(dict(wall=time.time() - start, compile=sum(s for _, s in compiled), programs=len(compiled)))
     np.savez(args.child_output, adversarial=result.adversarial, robust=result.robust_mask)
-    return dict(options=dict(common.compiler_options() or {}), rounds=rounds, robust=result.robust_accuracy)
+    return dict(
+        options=dict(common.compiler_options() or {}),
+        one_shot_options=dict(common.one_shot_compiler_options() or {}),
+        rounds=rounds,
+        robust=result.robust_accuracy,
+    )
 
 
-def spawn(name: str, folder: Path) -> tuple[dict, dict]:
-    """Runs one variant in a fresh process (nothing compiled yet); its report (with the cores it kept busy) and its
-    saved outputs."""
+def spawn(name: str, folder: Path, argv: list[str]) -> tuple[dict, dict]:
+    """Runs one variant in a fresh process (nothing compiled yet) with this run's arguments ``argv``; its report (with
+    the cores it kept busy) and its saved outputs."""
     output = folder / f"{name.replace(' ', '_')}.npz"
-    command = [sys.executable, __file__, *sys.argv[1:], "--child-variant", name, "--child-output", str(output)]
+    command = [sys.executable, __file__, *argv, "--child-variant", name, "--child-output", str(output)]
     before, start = os.times(), time.time()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     after = os.times()
@@ -115,7 +127,8 @@ def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
     ]
     for name, runs in reports.items():
         firsts, seconds = [r["rounds"][0] for r in runs], [r["rounds"][1] for r in runs]
-        options = format_options(runs[0]["options"])
+        options, one_shot = (format_options(runs[0][key]) for key in ("options", "one_shot_options"))
+        options += "" if one_shot == options else f"; once per batch: {one_shot}"
         compile_s = joined(r["compile"] for r in firsts)
         first_wall, compiled_wall = joined(r["wall"] for r in firsts), joined(r["wall"] for r in seconds)
         rows.append(f"| {name} ({options}) | {compile_s} | {first_wall} | {compiled_wall} | {firsts[0]['programs']} |")
@@ -140,7 +153,9 @@ def ratios(reports: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the variants; returns {"reports": {variant: [report per pair]}, "differing": {variant: examples}}."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-examples", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=2, help="rounds of all variants, alternating")
@@ -155,10 +170,10 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/autoattack_compile_options.md", help="'' = print only")
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child_variant is not None:
         print(json.dumps(run_variant(args, VARIANTS[args.child_variant])))
-        return
+        return {}
 
     names = [name.strip() for name in args.variants.split(",")]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -173,7 +188,7 @@ def main() -> None:
         for _ in range(args.pairs):
             outputs = {}
             for name in names:
-                report, outputs[name] = spawn(name, Path(folder))
+                report, outputs[name] = spawn(name, Path(folder), argv)
                 reports[name].append(report)
             for name in names:
                 if not all(np.array_equal(outputs[name][k], outputs["product"][k]) for k in ("adversarial", "robust")):
@@ -187,7 +202,7 @@ def main() -> None:
         "# AutoAttack compile time and speed under XLA:CPU options (ours only)",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- command: `PYTHONPATH=. python benchmarks/autoattack_compile_options.py {' '.join(sys.argv[1:])}`",
+        f"- command: `PYTHONPATH=. python benchmarks/autoattack_compile_options.py {shlex.join(argv)}`",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs ({cores} usable here), Python "
         f"{platform.python_version()}, {args.devices} XLA:CPU device(s)",
         f"- AutoAttack 'standard' on {args.n_examples} held-out MNIST-5k digits, SmallCNN "
@@ -213,6 +228,7 @@ def main() -> None:
     must_agree = [name for name in differing if gives_ynnpack_the_products_share(name)]
     if must_agree:
         raise SystemExit(f"variants {must_agree} changed the results with the product's YNNPACK choice")
+    return dict(reports=reports, differing=differing)
 
 
 if __name__ == "__main__":

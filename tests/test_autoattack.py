@@ -576,7 +576,7 @@ ATTACK_PROGRAMS = {
     "_square_start",
     "_square_finish",
     "_valid_adversarial",
-    "_identity",  # common.compiler_options probes XLA once per process
+    "_identity",  # compilations.compiler_options probes XLA once per process and option set
     "_attack_keys",
     "stage",  # placing the weights on the devices
 }
@@ -601,6 +601,7 @@ def test_a_run_compiles_only_the_attack_programs_once_per_stage(model, eval_set)
     counts = {name: names.count(name) for name in set(names)}
     assert counts.pop("_device_fori") == 3  # APGD-CE, APGD-T, FAB-T (Square's loop: _device_while)
     assert counts.pop("_apgd_start") == 2  # the CE and the targeted loss
+    assert counts.pop("_identity", 0) <= 2  # the probes of the loops' and the once-per-batch programs' options
     assert all(count == 1 for count in counts.values()), counts
 
 

@@ -139,3 +139,26 @@ def test_the_forward_routing_benchmark_runs_tiny_and_only_the_routing_differs(tm
         assert 0 < product["row_dilated"] < before["row_dilated"], workload
         assert abs(product["result"] - before["result"]) <= 1e-5 * max(1.0, abs(before["result"])), workload
     assert report.read_text().count("| before (Eigen above 16 channels) |") == 3
+
+
+def test_the_autoattack_compile_options_benchmark_runs_tiny_and_level_0_once_per_batch_programs_give_the_same_bits(
+    tmp_path,
+):
+    """benchmarks/autoattack_compile_options.py at test sizes, in fresh processes: the product compiles the
+    once-per-batch programs at LLVM level 0 and its loops at level 1, the "one level for all" variant everything at
+    level 1, and both give the same adversarial examples and robust mask to the bit (else main exits)."""
+    import autoattack_compile_options as compile_options
+
+    report = tmp_path / "compile_options.md"
+    argv = ["--epochs", "0", "--n-examples", "32", "--square-queries", "20", "--pairs", "1", "--devices", "1"]
+    variants = ["--variants", "one level for all,product", "--settle", "0", "--output", str(report)]
+    results = compile_options.main([*argv, *variants])
+    assert results["differing"] == {}
+    product, one_level = (results["reports"][name][0] for name in ("product", "one level for all"))
+    level = "xla_backend_optimization_level"
+    assert (product["options"][level], product["one_shot_options"][level]) == (1, 0)
+    assert one_level["one_shot_options"] == one_level["options"] == product["options"]
+    assert product["robust"] == one_level["robust"]
+    first, second = product["rounds"]
+    assert first["wall"] > 0 and first["programs"] > 0 and second["programs"] == 0  # the second reuses them all
+    assert "| one level for all (" in report.read_text()

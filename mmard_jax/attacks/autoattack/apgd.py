@@ -20,10 +20,10 @@ from mmard_jax.attacks.autoattack.common import (
     along_batch,
     batch_sharding,
     check_target_ranks,
-    jit,
     jitted_example_keys,
     jitted_fold_keys,
     merge_success,
+    one_shot_jit,
     prepare_batch,
     resolve_target_ranks,
     run_fori,
@@ -104,7 +104,7 @@ def _checkpoint_tables(settings: _Settings):
     return jnp.asarray(is_checkpoint), jnp.asarray(window_at)
 
 
-@jit(static_argnames=("settings", "sharding"))
+@one_shot_jit(static_argnames=("settings", "sharding"))
 def _apgd_start(settings: _Settings, sharding, x, labels, clean_logits, rank, keys, eps, attack_mask, found_fooled):
     """(targets, rows attacked, state before the first call of `_ApgdStep`): the random start on the eps-sphere
     in x_adv, the initial step size, an empty loss history and placeholders that the first call overwrites, split
@@ -200,7 +200,7 @@ class _ApgdStep:
         return {name: jnp.where(starting, started[name], stepped[name]) for name in stepped}
 
 
-@jit
+@one_shot_jit
 def _apgd_finish(x, robust, x_best_adv, attacked, found: AttackOutput) -> AttackOutput:
     """The run's successes (attacked rows misclassified at some iterate) merged into `found`."""
     fooled = attacked & ~robust

@@ -37,7 +37,8 @@ N_TARGET_CLASSES = 9  # AutoAttack 'standard': APGD-T and FAB-T target the class
 # XLA:CPU compiled a whole AutoAttack run's programs in about 60% of the time with its classic elemental emitters as
 # with its newer MLIR fusion emitters (7.3 s vs 12.6 s, one core, 100 digits, SmallCNN), and in two thirds of that
 # again with LLVM at optimisation level 1 (the product's CPU default, mmard_jax.compilations) instead of XLA's default
-# 3 (12.1-12.4 s vs 16.7-18.9 s, compiled rounds within noise; level 0 compiled in 4.6 s but ran 2.5x slower).
+# 3 (12.1-12.4 s vs 16.7-18.9 s, compiled rounds within noise; level 0 for every program compiled in 4.6 s but ran
+# 2.5x slower: the loops stay at level 1, the once-per-batch programs below compile at level 0).
 # benchmarks/autoattack_compile_options.py measures the variants and checked then that they give the same bits (also
 # on whole L2 and two-device runs); since reductions stay out of YNNPACK (compilations.YNNPACK_CONVOLUTIONS_AND_DOTS),
 # the variants may differ by float32 rounding. The classic emitters do not help the train step (it compiled slower).
@@ -54,10 +55,30 @@ def jit(fun=None, *, static_argnames=()):
     return compilations.jit(fun, static_argnames=static_argnames, options=compiler_options)
 
 
+# The programs that run once per batch (classification, keys, starts, finishes, the re-check), not once per
+# iteration, compile with LLVM at optimisation level 0: they are 27 of a standard run's 33 programs and half of its
+# compile time, and what they run is a few forward passes (library calls at any level) and element-wise bookkeeping.
+# benchmarks/results/autoattack_compile_options.md (100 digits, 2 devices): compile time 1.22-1.52x lower than with
+# level 1 everywhere, first rounds 1.06-1.31x faster, compiled rounds within noise, the same bits.
+ONE_SHOT_COMPILER_OPTIONS = tuple(
+    (name, 0) if name == compilations.LLVM_LEVEL_1[0] else (name, value) for name, value in CPU_COMPILER_OPTIONS
+)
+
+
+def one_shot_compiler_options() -> dict | None:
+    """ONE_SHOT_COMPILER_OPTIONS on CPU (when this XLA knows them), else None."""
+    return compilations.compiler_options(ONE_SHOT_COMPILER_OPTIONS)
+
+
+def one_shot_jit(fun=None, *, static_argnames=()):
+    """Decorator: like `jit`, for a program that runs once per batch (compiled with `one_shot_compiler_options`)."""
+    return compilations.jit(fun, static_argnames=static_argnames, options=one_shot_compiler_options)
+
+
 # Per-example keys (example index folded into the attack's key) and their derivations (a target rank, a restart):
 # one small program per batch shape, shared by every attack.
-jitted_example_keys = jit(example_keys)
-jitted_fold_keys = jit(fold_keys)
+jitted_example_keys = one_shot_jit(example_keys)
+jitted_fold_keys = one_shot_jit(fold_keys)
 
 
 class AttackOutput(NamedTuple):
@@ -134,7 +155,7 @@ class Batch(NamedTuple):
     found: AttackOutput
 
 
-@jit(static_argnames=("apply_fn",))
+@one_shot_jit(static_argnames=("apply_fn",))
 def _classify(apply_fn: ApplyFn, variables, images, labels, mask):
     """(clean logits, mask & correct, mask & ~correct): one program per architecture and batch shape."""
     clean_logits = apply_fn(variables, images)

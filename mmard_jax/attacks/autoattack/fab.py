@@ -24,10 +24,10 @@ from mmard_jax.attacks.autoattack.common import (
     along_batch,
     batch_sharding,
     check_target_ranks,
-    jit,
     jitted_example_keys,
     jitted_fold_keys,
     merge_success,
+    one_shot_jit,
     prepare_batch,
     resolve_target_ranks,
     run_fori,
@@ -176,7 +176,7 @@ def _targeted_difference_and_grad(logits_fn, x, labels, targets):
     return diff, grad
 
 
-@jit(static_argnames=("norm", "start_randomly", "sharding"))
+@one_shot_jit(static_argnames=("norm", "start_randomly", "sharding"))
 def _fab_start(
     norm: str,
     start_randomly: bool,
@@ -235,7 +235,7 @@ class _FabStep:
         return x1, best, best_distance
 
 
-@jit(static_argnames=("apply_fn", "norm"))
+@one_shot_jit(static_argnames=("apply_fn", "norm"))
 def _fab_finish(
     apply_fn: ApplyFn, norm: str, variables, x, labels, best, best_distance, eps, attacked, found: AttackOutput
 ) -> AttackOutput:

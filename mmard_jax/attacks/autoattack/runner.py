@@ -25,7 +25,7 @@ from mmard_jax.attacks.autoattack.common import (
     AttackOutput,
     check_eps,
     classified_correctly,
-    jit,
+    one_shot_jit,
     resolve_target_ranks,
 )
 from mmard_jax.attacks.autoattack.fab import fab_targeted
@@ -84,14 +84,14 @@ def _override_name(attack: str) -> str:
     return attack.replace("-", "_")
 
 
-@jit
+@one_shot_jit
 def _attack_keys(seed) -> list[jax.Array]:
     """The key of each attack in STANDARD_ATTACKS: the seed's key with the attack's index folded in (one program)."""
     root = jax.random.key(seed)
     return [jax.random.fold_in(root, index) for index in range(len(STANDARD_ATTACKS))]
 
 
-@jit(static_argnames=("apply_fn", "norm"))
+@one_shot_jit(static_argnames=("apply_fn", "norm"))
 def _valid_adversarial(apply_fn: ApplyFn, norm: str, variables, images, adversarial, labels, eps, tolerance):
     in_ball = lp_norm(adversarial - images, norm) <= eps + tolerance
     axes = tuple(range(1, images.ndim))

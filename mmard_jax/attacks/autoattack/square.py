@@ -22,10 +22,10 @@ from mmard_jax.attacks.autoattack.common import (
     AttackOutput,
     along_batch,
     batch_sharding,
-    jit,
     jitted_example_keys,
     jitted_fold_keys,
     merge_success,
+    one_shot_jit,
     prepare_batch,
     run_while,
     use_host_loop,
@@ -210,7 +210,7 @@ def _l2_init(key, x, eps):
     return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
-@jit(static_argnames=("apply_fn", "norm", "sharding"))
+@one_shot_jit(static_argnames=("apply_fn", "norm", "sharding"))
 def _square_start(apply_fn: ApplyFn, norm: str, sharding, variables, x, labels, keys, eps, attack_mask, found_fooled):
     """(rows attacked, state): the initial perturbation (Alg. 2 / Alg. 3) and its margin, split like the batch
     (common.batch_sharding)."""
@@ -274,7 +274,7 @@ class _SquareStep:
         )
 
 
-@jit(static_argnames=("apply_fn",))
+@one_shot_jit(static_argnames=("apply_fn",))
 def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attacked, found: AttackOutput) -> AttackOutput:
     fooled = attacked & ~predicted_correctly(apply_fn(variables, x_best), labels)
     return merge_success(found, AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled), attacked)
