@@ -563,8 +563,6 @@ def test_a_second_network_of_the_same_architecture_compiles_nothing(digits, mode
 # compiles a program of its own, and on CPU compilation is most of a first run's time).
 ATTACK_PROGRAMS = {
     "_classify",
-    "example_keys",
-    "fold_keys",
     "_apgd_start",
     "_apgd_finish",
     "_one_step",
@@ -610,8 +608,17 @@ def _apgd_ce_iteration(apply_fn, variables, x, y, state_sharding=None):
     with ``state_sharding`` (the runner's is the batch's own, `common.batch_sharding`)."""
     batch = common_module.prepare_batch(apply_fn, variables, x, y, EPS, "linf")
     settings = apgd_module._Settings("linf", "ce", 10, 0.75, 0.75, 2.0, apgd_checkpoints(10))
-    keys = common_module.jitted_example_keys(jax.random.key(0), batch.ids)
-    args = (batch.clean_logits, 0, keys, batch.eps, batch.attack_mask, batch.found.fooled)
+    folds = common_module.fold_values(0)
+    args = (
+        batch.clean_logits,
+        0,
+        jax.random.key(0),
+        batch.ids,
+        folds,
+        batch.eps,
+        batch.attack_mask,
+        batch.found.fooled,
+    )
     targets, _, state = apgd_module._apgd_start(settings, state_sharding, x, y, *args)
     return apgd_module._ApgdStep(apply_fn, settings), (batch.variables, x, y, targets, batch.eps), state
 

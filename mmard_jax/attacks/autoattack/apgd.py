@@ -20,8 +20,8 @@ from mmard_jax.attacks.autoattack.common import (
     along_batch,
     batch_sharding,
     check_target_ranks,
-    jitted_example_keys,
-    jitted_fold_keys,
+    derived_keys,
+    fold_values,
     merge_success,
     one_shot_jit,
     prepare_batch,
@@ -105,14 +105,16 @@ def _checkpoint_tables(settings: _Settings):
 
 
 @one_shot_jit(static_argnames=("settings", "sharding"))
-def _apgd_start(settings: _Settings, sharding, x, labels, clean_logits, rank, keys, eps, attack_mask, found_fooled):
+def _apgd_start(
+    settings: _Settings, sharding, x, labels, clean_logits, rank, key, ids, folds, eps, attack_mask, found_fooled
+):
     """(targets, rows attacked, state before the first call of `_ApgdStep`): the random start on the eps-sphere
     in x_adv, the initial step size, an empty loss history and placeholders that the first call overwrites, split
-    over the devices like the batch (common.batch_sharding). targets: the classes ranked `rank` by the clean logits
-    for the targeted loss, else the labels (unused)."""
+    over the devices like the batch (common.batch_sharding); the start draws from ``derived_keys(key, ids, folds)``.
+    targets: the classes ranked `rank` by the clean logits for the targeted loss, else the labels (unused)."""
     targets = losses.ranked_class(clean_logits, rank) if settings.loss == "dlr-targeted" else labels
     attacked = attack_mask & ~found_fooled
-    x_adv = per_example_start(keys, x, eps=eps, init="sphere", norm=settings.norm)
+    x_adv = per_example_start(derived_keys(key, ids, folds), x, eps=eps, init="sphere", norm=settings.norm)
     batch = x.shape[0]
     unset = jnp.zeros((batch,), x.dtype)
     state = dict(
@@ -207,9 +209,11 @@ def _apgd_finish(x, robust, x_best_adv, attacked, found: AttackOutput) -> Attack
     return merge_success(found, AttackOutput(jnp.where(per_example(fooled, x), x_best_adv, x), fooled), attacked)
 
 
-def _apgd_restarts(apply_fn, settings, batch, rank: int, keys, n_restarts, found: AttackOutput, host: bool):
+def _apgd_restarts(apply_fn, settings, batch, rank: int, key, n_restarts, found: AttackOutput, host: bool):
     """Reference `perturb`: each restart (reference `attack_single_run`, over a fixed-shape batch) attacks only the
-    rows of `batch` not fooled yet. rank: the target's rank for the targeted loss (else unused)."""
+    rows of `batch` not fooled yet. rank: the target's rank for the targeted loss (else unused; 0); the starts draw
+    from `key` folded with each example's id, the rank (targeted loss only) and the restart."""
+    targeted = settings.loss == "dlr-targeted"
     step = _ApgdStep(apply_fn, settings)
     for restart in range(n_restarts):
         targets, attacked, state = _apgd_start(
@@ -219,7 +223,9 @@ def _apgd_restarts(apply_fn, settings, batch, rank: int, keys, n_restarts, found
             batch.labels,
             batch.clean_logits,
             rank,
-            jitted_fold_keys(keys, restart),
+            key,
+            batch.ids,
+            fold_values(rank, restart) if targeted else fold_values(restart),
             batch.eps,
             batch.attack_mask,
             found.fooled,
@@ -283,7 +289,7 @@ def apgd(
         settings,
         batch,
         0,
-        jitted_example_keys(key, batch.ids),
+        key,
         n_restarts,
         batch.found,
         use_host_loop(loop),
@@ -332,7 +338,7 @@ def apgd_targeted(
         step_size_factor,
         apgd_checkpoints(n_iter, first_checkpoint, min_checkpoint_gap, checkpoint_gap_decrement),
     )
-    keys, host, found = jitted_example_keys(key, batch.ids), use_host_loop(loop), batch.found
+    host, found = use_host_loop(loop), batch.found
     for rank in ranks:
-        found = _apgd_restarts(apply_fn, settings, batch, rank, jitted_fold_keys(keys, rank), n_restarts, found, host)
+        found = _apgd_restarts(apply_fn, settings, batch, rank, key, n_restarts, found, host)
     return found

@@ -75,10 +75,19 @@ def one_shot_jit(fun=None, *, static_argnames=()):
     return compilations.jit(fun, static_argnames=static_argnames, options=one_shot_compiler_options)
 
 
-# Per-example keys (example index folded into the attack's key) and their derivations (a target rank, a restart):
-# one small program per batch shape, shared by every attack.
-jitted_example_keys = one_shot_jit(example_keys)
-jitted_fold_keys = one_shot_jit(fold_keys)
+def derived_keys(key: jax.Array, example_ids: jax.Array, folds: tuple) -> jax.Array:
+    """Per-example keys: each example's id folded into the attack's `key` (`example_keys`), then each of `folds` in
+    turn (a target rank, a restart). Traced inside the start programs that draw from them: no program of their own
+    per batch shape (8 fewer compilations in a standard run)."""
+    keys = example_keys(key, example_ids)
+    for data in folds:
+        keys = fold_keys(keys, data)
+    return keys
+
+
+def fold_values(*values: int) -> tuple:
+    """`derived_keys`'s folds as int32 host scalars: traced arguments, so one program serves every rank and restart."""
+    return tuple(np.int32(value) for value in values)
 
 
 class AttackOutput(NamedTuple):

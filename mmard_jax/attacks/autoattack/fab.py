@@ -24,8 +24,8 @@ from mmard_jax.attacks.autoattack.common import (
     along_batch,
     batch_sharding,
     check_target_ranks,
-    jitted_example_keys,
-    jitted_fold_keys,
+    derived_keys,
+    fold_values,
     merge_success,
     one_shot_jit,
     prepare_batch,
@@ -184,18 +184,21 @@ def _fab_start(
     x,
     clean_logits,
     rank,
-    keys,
+    key,
+    ids,
+    folds,
     eps,
     random_start_scale,
     attack_mask,
     found_fooled,
 ):
     """(targets: the classes ranked `rank` by the clean logits, rows attacked, state): start at x, or (restarts after
-    the first) on the sphere of radius scale * eps around x, clipped to [0, 1]; split like the batch
-    (common.batch_sharding)."""
+    the first) on the sphere of radius scale * eps around x, clipped to [0, 1], drawn from ``derived_keys(key, ids,
+    folds)``; split like the batch (common.batch_sharding)."""
     targets = losses.ranked_class(clean_logits, rank)
     attacked = attack_mask & ~found_fooled
     radius = random_start_scale * eps
+    keys = derived_keys(key, ids, folds)
     x1 = per_example_start(keys, x, eps=radius, init="sphere", norm=norm) if start_randomly else x
     return targets, attacked, (x1, x, along_batch(jnp.full((x.shape[0],), NO_DISTANCE, x.dtype), sharding))
 
@@ -280,11 +283,10 @@ def fab_targeted(
     ranks = resolve_target_ranks(n_target_classes, target_ranks)
     batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
     check_target_ranks(ranks, batch.clean_logits.shape[-1])
-    keys, found = jitted_example_keys(key, batch.ids), batch.found
+    found = batch.found
     settings = _Settings(norm, n_iter, alpha_max, eta, beta)
     step, host = _FabStep(apply_fn, settings), use_host_loop(loop)
     for rank in ranks:
-        rank_keys = jitted_fold_keys(keys, rank)
         for restart in range(n_restarts):  # reference `attack_single_run` (is_targeted=True), fixed-shape batch
             targets, attacked, state = _fab_start(
                 norm,
@@ -293,7 +295,9 @@ def fab_targeted(
                 batch.images,
                 batch.clean_logits,
                 rank,
-                jitted_fold_keys(rank_keys, restart),
+                key,
+                batch.ids,
+                fold_values(rank, restart),
                 batch.eps,
                 random_start_scale,
                 batch.attack_mask,

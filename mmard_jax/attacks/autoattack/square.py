@@ -22,8 +22,8 @@ from mmard_jax.attacks.autoattack.common import (
     AttackOutput,
     along_batch,
     batch_sharding,
-    jitted_example_keys,
-    jitted_fold_keys,
+    derived_keys,
+    fold_values,
     merge_success,
     one_shot_jit,
     prepare_batch,
@@ -210,15 +210,20 @@ def _l2_init(key, x, eps):
     return jnp.clip(x + delta * eps / (jnp.sqrt(jnp.sum(delta**2)) + NORMALIZE_EPS), 0.0, 1.0)
 
 
-@one_shot_jit(static_argnames=("apply_fn", "norm", "sharding"))
-def _square_start(apply_fn: ApplyFn, norm: str, sharding, variables, x, labels, keys, eps, attack_mask, found_fooled):
-    """(rows attacked, state): the initial perturbation (Alg. 2 / Alg. 3) and its margin, split like the batch
-    (common.batch_sharding)."""
+@one_shot_jit(static_argnames=("apply_fn", "norm", "n_queries", "sharding"))
+def _square_start(
+    apply_fn: ApplyFn, norm: str, n_queries: int, sharding, variables, x, labels, key, ids, folds, eps, attack_mask,
+    found_fooled
+):  # fmt: skip
+    """(rows attacked, the run's keys, state): the keys are ``derived_keys(key, ids, folds)``, which the queries draw
+    from (each folds its iteration in); the initial perturbation (Alg. 2 / Alg. 3) draws from them with `n_queries`
+    folded in; its margin; all split like the batch (common.batch_sharding)."""
+    keys = derived_keys(key, ids, folds)
     init = _linf_init if norm == "linf" else _l2_init
-    x_best = jax.vmap(init, in_axes=(0, 0, None))(keys, x, eps)
+    x_best = jax.vmap(init, in_axes=(0, 0, None))(fold_keys(keys, n_queries), x, eps)
     margin_min = margin(apply_fn(variables, x_best), labels)
     attacked, state = attack_mask & ~found_fooled, (x_best, margin_min, margin_min)
-    return jax.tree.map(lambda a: along_batch(a, sharding), (attacked, state))
+    return jax.tree.map(lambda a: along_batch(a, sharding), (attacked, keys, state))
 
 
 def _left_to_fool(attack_mask, margin_min):
@@ -280,23 +285,25 @@ def _square_finish(apply_fn: ApplyFn, variables, x, labels, x_best, attacked, fo
     return merge_success(found, AttackOutput(jnp.where(per_example(fooled, x), x_best, x), fooled), attacked)
 
 
-def _square_single_run(apply_fn: ApplyFn, settings: _Settings, batch, keys, found: AttackOutput, host: bool):
+def _square_single_run(apply_fn: ApplyFn, settings: _Settings, batch, key, restart: int, found, host: bool):
     """One Square run (reference `attack_single_run`, margin loss) over a fixed-shape batch, on the rows not fooled
-    yet; its successes merged into `found`.
+    yet, drawing from `key` folded with each example's id and the restart; its successes merged into `found`.
 
     Each iteration costs one forward pass; the loop stops once no row is left to fool. Randomness
     is drawn per example.
     """
     variables, x, labels, eps = batch.variables, batch.images, batch.labels, batch.eps
-    init_keys = jitted_fold_keys(keys, settings.n_queries)
-    attacked, state = _square_start(
+    attacked, keys, state = _square_start(
         apply_fn,
         settings.norm,
+        settings.n_queries,
         batch_sharding(x),
         variables,
         x,
         labels,
-        init_keys,
+        key,
+        batch.ids,
+        fold_values(restart),
         eps,
         batch.attack_mask,
         found.fooled,
@@ -336,11 +343,11 @@ def square_attack(
     if np.ndim(images) != 4:
         raise ValueError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
     batch = prepare_batch(apply_fn, variables, images, labels, eps, norm, example_ids, active)
-    keys, found = jitted_example_keys(key, batch.ids), batch.found
+    found = batch.found
     settings = _Settings(n_queries, p_init, rescale_schedule, norm)
     if norm == "l2":
         l2_init_tiles(*np.shape(images)[1:3])  # fails early on images too small for the L2 grid
     host = use_host_loop(loop)
     for restart in range(n_restarts):
-        found = _square_single_run(apply_fn, settings, batch, jitted_fold_keys(keys, restart), found, host)
+        found = _square_single_run(apply_fn, settings, batch, key, restart, found, host)
     return found
