@@ -14,11 +14,20 @@ so it may differ by float rounding, and the report says in how many examples the
 
 No reference checkout is needed (ours only). ``--epochs 0`` uses the untrained network (a quick smoke run: with 32
 digits or more some are classified correctly, so the attack programs compile and run).
+
+``--revisions`` compares versions of the code instead: each listed git revision is checked out into a temporary
+worktree and each variant runs there (this script and its twin stay the caller's; the package is the revision's
+committed code, without uncommitted changes), alternating as above; the last revision's product is the one the
+others are compared with (list the newest last):
+
+    PYTHONPATH=. python benchmarks/autoattack_compile_options.py --n-examples 100 --pairs 3 --devices 2 \
+        --variants product --revisions 9450a0b,a34c37e,HEAD --output /tmp/autoattack_revisions.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -71,6 +80,7 @@ def run_variant(args, options) -> dict:
 
     os.environ[host_devices.CHOICE_VARIABLE] = str(args.devices)
     host_devices.set_default_host_devices([args.n_examples])
+    import mmard_jax
     from mmard_jax import compilations
     from mmard_jax.attacks.autoattack import common, run_autoattack
 
@@ -96,28 +106,59 @@ def run_variant(args, options) -> dict:
             )  # fmt: skip
         rounds.append(dict(wall=time.time() - start, compile=sum(s for _, s in compiled), programs=len(compiled)))
     np.savez(args.child_output, adversarial=result.adversarial, robust=result.robust_mask)
+    one_shot_options = getattr(common, "one_shot_compiler_options", common.compiler_options)  # older code: none
     return dict(
         options=dict(common.compiler_options() or {}),
-        one_shot_options=dict(common.one_shot_compiler_options() or {}),
+        one_shot_options=dict(one_shot_options() or {}),
         rounds=rounds,
         robust=result.robust_accuracy,
+        package=str(Path(mmard_jax.__file__).resolve().parent),
     )
 
 
-def spawn(name: str, folder: Path, argv: list[str]) -> tuple[dict, dict]:
-    """Runs one variant in a fresh process (nothing compiled yet) with this run's arguments ``argv``; its report (with
-    the cores it kept busy) and its saved outputs."""
+def spawn(name: str, folder: Path, argv: list[str], checkout: Path | None = None) -> tuple[dict, dict]:
+    """Runs one variant in a fresh process (nothing compiled yet) with this run's arguments ``argv``, importing the
+    package from ``checkout`` when given; its report (with the cores it kept busy) and its saved outputs."""
     output = folder / f"{name.replace(' ', '_')}.npz"
     command = [sys.executable, __file__, *argv, "--child-variant", name, "--child-output", str(output)]
+    environment = dict(os.environ)
+    if checkout is not None:  # ahead of the caller's PYTHONPATH and of an editable install
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
     before, start = os.times(), time.time()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     after = os.times()
     if done.returncode != 0:
         raise RuntimeError(f"variant {name!r} failed:\n{done.stdout}\n{done.stderr}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    if checkout is not None and not Path(report["package"]).is_relative_to(checkout.resolve()):
+        raise RuntimeError(f"variant {name!r} imported mmard_jax from {report['package']}, not from {checkout}")
     child_cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
     report["busy_cores"] = child_cpu / max(time.time() - start, 1e-9)
     return report, dict(np.load(output))
+
+
+@contextlib.contextmanager
+def worktrees(revisions: list[str], folder: Path):
+    """Checks each git revision out into a detached worktree under ``folder``; yields {revision: (path, commit)}
+    and removes the worktrees afterwards."""
+    repository = Path(__file__).resolve().parent.parent
+    checkouts = {}
+    try:
+        for index, revision in enumerate(revisions):
+            path = folder / f"revision-{index}"
+            git = ["git", "-C", str(repository)]
+            found = subprocess.run(
+                [*git, "rev-parse", "--verify", f"{revision}^{{commit}}"], capture_output=True, text=True
+            )
+            if found.returncode != 0:
+                raise SystemExit(f"--revisions: {revision!r} is not a commit of {repository}")
+            commit = found.stdout.strip()
+            subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(path), commit], check=True)
+            checkouts[revision] = (path, commit)
+        yield checkouts
+    finally:
+        for path, _ in checkouts.values():
+            subprocess.run(["git", "-C", str(repository), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
@@ -135,19 +176,19 @@ def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
     return rows
 
 
-def ratios(reports: dict[str, list[dict]]) -> list[str]:
-    """Each variant against the product, pair by pair (the runs of a pair ran back to back)."""
+def ratios(reports: dict[str, list[dict]], reference: str = "product") -> list[str]:
+    """Each variant against the ``reference`` one, pair by pair (the runs of a pair ran back to back)."""
     lines = []
-    product = reports["product"]
+    product = reports[reference]
     for name, runs in reports.items():
-        if name == "product":
+        if name == reference:
             continue
         pairs = list(zip(runs, product, strict=True))
         compile_ratio = [r["rounds"][0]["compile"] / p["rounds"][0]["compile"] for r, p in pairs]
         first = [r["rounds"][0]["wall"] / p["rounds"][0]["wall"] for r, p in pairs]
         compiled = [r["rounds"][1]["wall"] / p["rounds"][1]["wall"] for r, p in pairs]
         lines.append(
-            f"- {name} ÷ product, per pair: compile time {joined(compile_ratio, 2)}; first round {joined(first, 2)}; "
+            f"- {name} ÷ {reference}, per pair: compile time {joined(compile_ratio, 2)}; first round {joined(first, 2)}; "
             f"compiled round {joined(compiled, 2)} (median {statistics.median(compiled):.2f})"
         )
     return lines
@@ -167,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--square-queries", type=int, help="Square's budget (default: the standard 5,000)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--settle", type=float, default=300, help="seconds to wait at most for a quiet machine")
+    parser.add_argument(
+        "--revisions",
+        default="",
+        help="comma-separated git revisions to run each variant at (temporary worktrees; the last is the reference)",
+    )
     parser.add_argument("--output", default="benchmarks/results/autoattack_compile_options.md", help="'' = print only")
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, help=argparse.SUPPRESS)
@@ -179,23 +225,33 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or "product" not in names:
         raise SystemExit(f"--variants {args.variants!r}: choose among {list(VARIANTS)}, 'product' included")
+    revisions = [revision.strip() for revision in args.revisions.split(",") if revision.strip()]
+    if len(set(revisions)) < len(revisions):
+        raise SystemExit(f"--revisions {args.revisions!r}: each revision once (HEAD~0 and HEAD may name one commit)")
+    runs = {  # label: (variant, revision or None for this checkout)
+        (name if revision is None else f"{name} @ {revision}"): (name, revision)
+        for revision in (revisions or [None])
+        for name in names
+    }
+    reference = "product" if not revisions else f"product @ {revisions[-1]}"
     cores = len(os.sched_getaffinity(0))
     wait_for_quiet(cores, args.settle)
     load_before, times_before = os.getloadavg(), cpu_times()
-    reports: dict[str, list[dict]] = {name: [] for name in names}
-    differing = {}  # variant: the most examples whose robust mask differs from the product's, over the pairs
-    with tempfile.TemporaryDirectory() as folder:
+    reports: dict[str, list[dict]] = {label: [] for label in runs}
+    differing = {}  # label: the most examples whose robust mask differs from the reference's, over the pairs
+    with tempfile.TemporaryDirectory() as folder, worktrees(revisions, Path(folder)) as checkouts:
         for _ in range(args.pairs):
             outputs = {}
-            for name in names:
-                report, outputs[name] = spawn(name, Path(folder), argv)
-                reports[name].append(report)
-            for name in names:
-                if not all(np.array_equal(outputs[name][k], outputs["product"][k]) for k in ("adversarial", "robust")):
-                    flipped = int(np.sum(outputs[name]["robust"] != outputs["product"]["robust"]))
-                    differing[name] = max(differing.get(name, 0), flipped)
+            for label, (name, revision) in runs.items():
+                report, outputs[label] = spawn(name, Path(folder), argv, checkouts.get(revision, (None,))[0])
+                reports[label].append(report)
+            for label in runs:
+                if not all(np.array_equal(outputs[label][k], outputs[reference][k]) for k in ("adversarial", "robust")):
+                    flipped = int(np.sum(outputs[label]["robust"] != outputs[reference]["robust"]))
+                    differing[label] = max(differing.get(label, 0), flipped)
+        commits = {revision: commit for revision, (_, commit) in checkouts.items()}
     load_after, times_after = os.getloadavg(), cpu_times()
-    last = reports[names[-1]][-1]
+    last = reports[list(runs)[-1]][-1]
     verdict = load_contention(load_before, load_after, min(last["busy_cores"], cores), cores)
     robust = {name: runs[0]["robust"] for name, runs in reports.items()}
     lines = [
@@ -210,22 +266,28 @@ def main(argv: list[str] | None = None) -> dict:
         + ("" if args.square_queries is None else f", Square {args.square_queries} queries"),
         f"- each variant in a fresh process, {args.pairs} pair(s) of runs alternating the variants; a run = 2 rounds, "
         "the first compiling",
+        *(
+            [f"- code: {', '.join(f'{revision} = {commits[revision]}' for revision in revisions)} (git worktrees)"]
+            if revisions
+            else []
+        ),
         f"- load average before {format_load(load_before)}, after {format_load(load_after)}: "
         f"{verdict or 'quiet'}; {format_steal(times_before, times_after)}",
         f"- robust accuracy: {', '.join(f'{name} {value:.2%}' for name, value in robust.items())}",
-        "- same bits as the product's options (adversarial examples and robust mask, every pair): "
+        f"- same bits as {reference} (adversarial examples and robust mask, every pair): "
         + ", ".join(
-            f"{name}: " + (f"no (robust mask differs in {differing[name]} example(s))" if name in differing else "yes")
-            for name in names
+            f"{label}: "
+            + (f"no (robust mask differs in {differing[label]} example(s))" if label in differing else "yes")
+            for label in runs
         ),
         "",
         *summary_rows(reports),
         "",
-        *(["(no ratios: the machine was not quiet)"] if verdict else ratios(reports)),
+        *(["(no ratios: the machine was not quiet)"] if verdict else ratios(reports, reference)),
         "",
     ]
     publish("\n".join(lines), args.output)
-    must_agree = [name for name in differing if gives_ynnpack_the_products_share(name)]
+    must_agree = [label for label in differing if gives_ynnpack_the_products_share(runs[label][0])]
     if must_agree:
         raise SystemExit(f"variants {must_agree} changed the results with the product's YNNPACK choice")
     return dict(reports=reports, differing=differing)

@@ -162,3 +162,30 @@ def test_the_autoattack_compile_options_benchmark_runs_tiny_and_level_0_once_per
     first, second = product["rounds"]
     assert first["wall"] > 0 and first["programs"] > 0 and second["programs"] == 0  # the second reuses them all
     assert "| one level for all (" in report.read_text()
+
+
+def test_the_autoattack_compile_options_benchmark_runs_git_revisions_from_their_own_worktrees(tmp_path):
+    """--revisions: each revision's package is imported from its own temporary worktree (two names of one commit:
+    two worktrees, the same bits), the report names the commits, and the worktrees are gone afterwards."""
+    import subprocess
+
+    import autoattack_compile_options as compile_options
+
+    repository = Path(compile_options.__file__).resolve().parent.parent
+    listed = subprocess.run(["git", "-C", str(repository), "worktree", "list"], capture_output=True, text=True).stdout
+    report = tmp_path / "revisions.md"
+    argv = ["--epochs", "0", "--n-examples", "32", "--square-queries", "20", "--pairs", "1", "--devices", "1"]
+    results = compile_options.main(
+        [*argv, "--variants", "product", "--revisions", "HEAD~0,HEAD", "--settle", "0", "--output", str(report)]
+    )
+    assert results["differing"] == {}
+    old, new = (results["reports"][f"product @ {revision}"][0] for revision in ("HEAD~0", "HEAD"))
+    assert old["package"] != new["package"]
+    assert not any(Path(report["package"]).is_relative_to(repository) for report in (old, new))
+    assert old["rounds"][0]["programs"] == new["rounds"][0]["programs"] > 0
+    head = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert f"HEAD = {head.stdout.strip()}" in report.read_text()
+    after = subprocess.run(["git", "-C", str(repository), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == listed
+    with pytest.raises(SystemExit, match="each revision once"):
+        compile_options.main([*argv, "--revisions", "HEAD,HEAD", "--settle", "0", "--output", ""])

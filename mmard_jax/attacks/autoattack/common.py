@@ -56,10 +56,11 @@ def jit(fun=None, *, static_argnames=()):
 
 
 # The programs that run once per batch (classification, keys, starts, finishes, the re-check), not once per
-# iteration, compile with LLVM at optimisation level 0: they are 27 of a standard run's 33 programs and half of its
-# compile time, and what they run is a few forward passes (library calls at any level) and element-wise bookkeeping.
-# benchmarks/results/autoattack_compile_options.md (100 digits, 2 devices): compile time 1.22-1.52x lower than with
-# level 1 everywhere, first rounds 1.06-1.31x faster, compiled rounds within noise, the same bits.
+# iteration, compile with LLVM at optimisation level 0: they are 19 of a standard run's 26 programs (the others: 5
+# attack loops and 2 option probes) and half of its compile time, and what they run is a few forward passes (library
+# calls at any level) and element-wise bookkeeping. benchmarks/results/autoattack_compile_options.md (100 digits):
+# compile time 1.32-1.42x lower than with level 1 everywhere, first rounds 1.05-1.06x faster, compiled rounds within
+# noise (median ratio 0.99), the same bits.
 ONE_SHOT_COMPILER_OPTIONS = tuple(
     (name, 0) if name == compilations.LLVM_LEVEL_1[0] else (name, value) for name, value in CPU_COMPILER_OPTIONS
 )

@@ -37,8 +37,9 @@ RECHECK_TOLERANCE = 1e-6  # slack on ||x_adv - x|| <= eps for float32 rounding
 SQUARE_WARNING_MARGIN = 0.002  # reference checks.check_square_sr: alpha = .002
 # A target pass of APGD-T / FAB-T runs in a batch shape its attack has compiled already if that one pads at most 1.5x
 # the rows of the best-fitting shape. In the AutoAttack benchmark (benchmarks/results/autoattack_speed.md), sizes
-# fitted to each pass alone compiled 43 programs (powers of two: 29); with reuse, 33 (the 4 more are the 12-row
+# fitted to each pass alone compiled 43 programs (powers of two: 29); with reuse, 33 (the 4 more were the 12-row
 # shape's classification, re-check and keys), while FAB-T and Square run 12 rows instead of 16 for 11 robust digits.
+# Since the starts derive their keys themselves (common.derived_keys), a standard run compiles 26.
 REUSE_PADDING = 1.5
 _RESERVED_OVERRIDES = ("eps", "norm", "example_ids", "active")
 
