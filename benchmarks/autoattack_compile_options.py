@@ -142,11 +142,11 @@ def worktrees(revisions: list[str], folder: Path):
     """Checks each git revision out into a detached worktree under ``folder``; yields {revision: (path, commit)}
     and removes the worktrees afterwards."""
     repository = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(repository)]
     checkouts = {}
     try:
         for index, revision in enumerate(revisions):
             path = folder / f"revision-{index}"
-            git = ["git", "-C", str(repository)]
             found = subprocess.run(
                 [*git, "rev-parse", "--verify", f"{revision}^{{commit}}"], capture_output=True, text=True
             )
@@ -158,7 +158,7 @@ def worktrees(revisions: list[str], folder: Path):
         yield checkouts
     finally:
         for path, _ in checkouts.values():
-            subprocess.run(["git", "-C", str(repository), "worktree", "remove", "--force", str(path)], check=False)
+            subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
 
 
 def summary_rows(reports: dict[str, list[dict]]) -> list[str]:
@@ -243,13 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.pairs):
             outputs = {}
             for label, (name, revision) in runs.items():
-                report, outputs[label] = spawn(name, Path(folder), argv, checkouts.get(revision, (None,))[0])
+                checkout = None if revision is None else checkouts[revision][0]
+                report, outputs[label] = spawn(name, Path(folder), argv, checkout)
                 reports[label].append(report)
             for label in runs:
                 if not all(np.array_equal(outputs[label][k], outputs[reference][k]) for k in ("adversarial", "robust")):
                     flipped = int(np.sum(outputs[label]["robust"] != outputs[reference]["robust"]))
                     differing[label] = max(differing.get(label, 0), flipped)
-        commits = {revision: commit for revision, (_, commit) in checkouts.items()}
     load_after, times_after = os.getloadavg(), cpu_times()
     last = reports[list(runs)[-1]][-1]
     verdict = load_contention(load_before, load_after, min(last["busy_cores"], cores), cores)
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- each variant in a fresh process, {args.pairs} pair(s) of runs alternating the variants; a run = 2 rounds, "
         "the first compiling",
         *(
-            [f"- code: {', '.join(f'{revision} = {commits[revision]}' for revision in revisions)} (git worktrees)"]
+            [f"- code: {', '.join(f'{revision} = {checkouts[revision][1]}' for revision in revisions)} (git worktrees)"]
             if revisions
             else []
         ),

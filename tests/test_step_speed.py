@@ -181,7 +181,7 @@ def test_the_autoattack_compile_options_benchmark_runs_git_revisions_from_their_
     assert results["differing"] == {}
     old, new = (results["reports"][f"product @ {revision}"][0] for revision in ("HEAD~0", "HEAD"))
     assert old["package"] != new["package"]
-    assert not any(Path(report["package"]).is_relative_to(repository) for report in (old, new))
+    assert not any(Path(run["package"]).is_relative_to(repository) for run in (old, new))
     assert old["rounds"][0]["programs"] == new["rounds"][0]["programs"] > 0
     head = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert f"HEAD = {head.stdout.strip()}" in report.read_text()
