@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -114,3 +115,25 @@ def format_steal(before, after) -> str:
     if share is None:
         return "CPU steal: unknown (no /proc/stat)"
     return f"CPU steal (time the hypervisor gave other virtual machines) {100 * share:.1f} %"
+
+
+def conv_function(kind: str):
+    """The convolution a path traces with: ``lax.conv_general_dilated`` ('xla') or the product's ('product')."""
+    import jax
+
+    from mmard_jax.models import convolution
+
+    return {"xla": jax.lax.conv_general_dilated, "product": convolution.conv_general_dilated}[kind]
+
+
+@contextlib.contextmanager
+def model_convolutions(kind: str):
+    """The product's models trace with ``conv_function(kind)`` inside this block."""
+    from mmard_jax.models import layers
+
+    saved = layers.ImageClassifier.conv_op
+    layers.ImageClassifier.conv_op = conv_function(kind)
+    try:
+        yield
+    finally:
+        layers.ImageClassifier.conv_op = saved

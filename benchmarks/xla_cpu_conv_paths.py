@@ -29,7 +29,6 @@ Usage (``--tiny`` shrinks every size, for the CI smoke test):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_report import options_or_products  # noqa: E402  (imports JAX only when called)
+from benchmark_report import conv_function, model_convolutions, options_or_products  # noqa: E402  (JAX when called)
 
 from mmard_jax import host_devices  # noqa: E402  (no JAX import: sets the device count before JAX starts)
 
@@ -79,28 +78,6 @@ def float64_result(fn, args):
     with jax.enable_x64(True):
         wide = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), args)
         return jax.tree.map(np.asarray, jax.jit(fn)(*wide))
-
-
-def conv_function(kind: str):
-    """The convolution a path traces with: ``lax.conv_general_dilated`` ('xla') or the product's ('product')."""
-    import jax
-
-    from mmard_jax.models import convolution
-
-    return {"xla": jax.lax.conv_general_dilated, "product": convolution.conv_general_dilated}[kind]
-
-
-@contextlib.contextmanager
-def model_convolutions(kind: str):
-    """The product's models trace with ``conv_function(kind)`` inside this block."""
-    from mmard_jax.models import layers
-
-    saved = layers.ImageClassifier.conv_op
-    layers.ImageClassifier.conv_op = conv_function(kind)
-    try:
-        yield
-    finally:
-        layers.ImageClassifier.conv_op = saved
 
 
 def lowered_per_kind(make_fn, args) -> dict:

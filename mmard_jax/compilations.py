@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
+from mmard_jax import host_devices
+
 # LLVM at optimisation level 1 instead of XLA's default 3: on XLA:CPU the run time of these programs is spent in the
 # convolution and matrix library calls, which LLVM does not generate, so it only has the element-wise fusions to
 # optimise, and level 1 compiles them faster. benchmarks/step_compile_options.py measures the train step: compile time
@@ -31,6 +33,12 @@ YNNPACK_CONVOLUTIONS_AND_DOTS = (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
 )
 CPU_COMPILER_OPTIONS = (LLVM_LEVEL_1, YNNPACK_CONVOLUTIONS_AND_DOTS)
+# With one XLA:CPU device per core (mmard_jax.host_devices' default), Eigen's kernels run single-threaded inside each
+# device. Multi-threaded, they split some contractions by how many of the shared pool's threads are free, so a
+# CIFAR-shaped train step with the Winograd convolutions (models/convolution.py) gave a different last bit in 1 of
+# 3-4 reruns of the same compiled program on the same inputs; single-threaded, 8 of 8 reruns were identical, and the
+# step was as fast (ad hoc: 4.81-4.83 s against 4.92-5.06 s, RSLAD, batch 32, 2 devices on 2 cores).
+ONE_EIGEN_THREAD_PER_DEVICE = ("xla_cpu_multi_thread_eigen", False)
 
 
 def _identity(x):
@@ -39,10 +47,13 @@ def _identity(x):
 
 @functools.cache
 def compiler_options(cpu_options: tuple[tuple[str, object], ...] = CPU_COMPILER_OPTIONS) -> dict | None:
-    """The XLA options to compile a program with: ``cpu_options`` on CPU (when this XLA knows them), else None."""
+    """The XLA options to compile a program with: ``cpu_options`` on CPU (when this XLA knows them), and single-threaded
+    Eigen kernels when every core has its own device (ONE_EIGEN_THREAD_PER_DEVICE); None elsewhere."""
     if jax.default_backend() != "cpu":
         return None
     options = dict(cpu_options)
+    if jax.local_device_count() >= host_devices.usable_cores():
+        options.update([ONE_EIGEN_THREAD_PER_DEVICE])
     try:  # a tiny program: an XLA without these options refuses them
         jax.jit(_identity, compiler_options=options).lower(np.float32(0)).compile()
     except jax.errors.JaxRuntimeError:

@@ -6,16 +6,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmard_jax import compilations, parallel
+from mmard_jax import compilations, host_devices, parallel
 
 
 def test_cpu_programs_compile_at_llvm_level_1_and_options_this_xla_refuses_give_none():
     assert jax.default_backend() == "cpu"
-    assert compilations.compiler_options() == {
+    expected = {
         "xla_backend_optimization_level": 1,
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     }
+    if jax.local_device_count() >= host_devices.usable_cores():  # the test session's devices (conftest) cover the cores
+        expected["xla_cpu_multi_thread_eigen"] = False
+    assert compilations.compiler_options() == expected
     assert compilations.compiler_options((("xla_no_such_option_for_this_test", 1),)) is None
+
+
+def test_eigen_runs_single_threaded_only_when_every_core_has_a_device(monkeypatch):
+    """With fewer devices than cores a device needs Eigen's threads to use the cores; with one per core it does not."""
+    compilations.compiler_options.cache_clear()
+    try:
+        monkeypatch.setattr(host_devices, "usable_cores", lambda: jax.local_device_count() + 1)
+        assert "xla_cpu_multi_thread_eigen" not in compilations.compiler_options()
+        compilations.compiler_options.cache_clear()
+        monkeypatch.setattr(host_devices, "usable_cores", lambda: jax.local_device_count())
+        assert compilations.compiler_options()["xla_cpu_multi_thread_eigen"] is False
+    finally:
+        compilations.compiler_options.cache_clear()
 
 
 def _summed_products(dy, kernel):  # scattered_input_gradient's sum over output channels

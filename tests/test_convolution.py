@@ -42,6 +42,13 @@ CASES = [
     # more than 64 channels on a small grid: the forward pass is row-dilated (Eigen) too
     (8, 8, 24, 72, 3, 1, ((1, 1), (1, 1))),
     (9, 9, 72, 24, 3, 2, ((1, 1), (1, 1))),
+    # 3x3, stride 1, pad 1, >= 64 channels both sides, even grid up to 16x16: Winograd F(2x2, 3x3) forward and input
+    # gradient (odd and 32x32 grids, and 'SAME' padding resolved to 1, on either side of the rule)
+    (16, 16, 64, 72, 3, 1, ((1, 1), (1, 1))),
+    (4, 6, 96, 64, 3, 1, "SAME"),
+    (2, 2, 64, 64, 3, 1, ((1, 1), (1, 1))),
+    (7, 7, 64, 64, 3, 1, ((1, 1), (1, 1))),
+    (32, 32, 64, 64, 3, 1, ((1, 1), (1, 1))),
     # one input channel (a grayscale first layer): the input gradient is scattered tap by tap
     (28, 28, 1, 16, 5, 1, "VALID"),
     (12, 11, 1, 8, 3, 1, ((1, 1), (1, 1))),
@@ -93,9 +100,11 @@ def _convolutions(platform, x, kernel):
 
 
 def test_cpu_routes_small_wide_grids_and_kernel_gradients_to_the_row_dilated_form_other_platforms_do_not():
-    small = jnp.ones((2, 8, 8, 72)), jnp.ones((3, 3, 72, 72))  # 8x8 output: forward, input and kernel gradients
+    small = jnp.ones((2, 8, 8, 72)), jnp.ones((3, 3, 72, 72))  # 8x8 output: Winograd forward and input gradient
     large = jnp.ones((2, 32, 32, 72)), jnp.ones((3, 3, 72, 72))  # 32x32 output: only the kernel gradient
-    assert [("lhs_dilate" in op) for op in _convolutions("cpu", *small)] == [True, True, True]
+    assert [("lhs_dilate" in op) for op in _convolutions("cpu", *small)] == [True]  # the kernel gradient
+    odd = jnp.ones((2, 7, 7, 72)), jnp.ones((3, 3, 72, 72))  # no whole 2x2 tiles: forward, input and kernel gradients
+    assert [("lhs_dilate" in op) for op in _convolutions("cpu", *odd)] == [True, True, True]
     assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *large)) == [False, False, True]
     # 64 channels or fewer on a small grid: the forward pass stays XLA's, both gradients are row-dilated
     narrow = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 64))
@@ -103,7 +112,7 @@ def test_cpu_routes_small_wide_grids_and_kernel_gradients_to_the_row_dilated_for
     few_channels = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 16))  # YNNPACK declines it: only the kernel gradient
     assert sorted("lhs_dilate" in op for op in _convolutions("cpu", *few_channels)) == [False, False, True]
     for platform in ("cuda", "tpu"):
-        ops = _convolutions(platform, *small)
+        ops = _convolutions(platform, *odd)
         assert len(ops) == 3 and not any("lhs_dilate" in op for op in ops)
 
 
@@ -209,3 +218,39 @@ def test_patches_forward_is_the_convolution(stride, pads):
         got = convolution.patches_forward(jnp.asarray(x), jnp.asarray(kernel), stride, pads)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(2, 2), (4, 6), (16, 16)])
+def test_winograd_is_the_convolution_and_its_input_gradient_is_the_transposed_one(height, width):
+    """F(2x2, 3x3) against the direct sum in float64 (numpy), and its input gradient against autodiff's of the plain
+    op: both within float32 rounding of a 3x3 x 64-channel sum."""
+    rng = np.random.default_rng(height * 10 + width)
+    x = rng.standard_normal((2, height, width, 64)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 64, 72)) / 24).astype(np.float32)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(
+        np.einsum("nhwc,co->nhwo", padded[:, a : a + height, b : b + width], kernel[a, b].astype(np.float64))
+        for a in range(3)
+        for b in range(3)
+    )
+    got = np.asarray(jax.jit(convolution.winograd_conv)(x, kernel), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    _, vjp = jax.vjp(
+        lambda x_: jax.lax.conv_general_dilated(x_, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC), x
+    )
+    (want_dx,) = vjp(dy)
+    got_dx = jax.jit(convolution.winograd_input_gradient)(dy, kernel)
+    assert np.linalg.norm(got_dx - want_dx) / np.linalg.norm(want_dx) < 2e-6
+
+
+def test_winograd_takes_3x3_stride_1_pad_1_wide_even_grids_up_to_16x16_only():
+    kernel = (3, 3, 64, 64)
+    assert convolution.winograd_applies((8, 16, 16, 64), kernel, (1, 1), ((1, 1), (1, 1)))
+    assert convolution.winograd_applies((8, 2, 4, 64), kernel, (1, 1), ((1, 1), (1, 1)))
+    assert not convolution.winograd_applies((8, 32, 32, 64), kernel, (1, 1), ((1, 1), (1, 1)))  # a 32x32 grid
+    assert not convolution.winograd_applies((8, 7, 8, 64), kernel, (1, 1), ((1, 1), (1, 1)))  # odd rows
+    assert not convolution.winograd_applies((8, 8, 8, 64), kernel, (2, 2), ((1, 1), (1, 1)))  # strided
+    assert not convolution.winograd_applies((8, 8, 8, 64), kernel, (1, 1), ((0, 2), (1, 1)))  # other padding
+    assert not convolution.winograd_applies((8, 8, 8, 32), (3, 3, 32, 64), (1, 1), ((1, 1), (1, 1)))  # narrow
+    assert not convolution.winograd_applies((8, 8, 8, 64), (5, 5, 64, 64), (1, 1), ((2, 2), (2, 2)))  # 5x5
