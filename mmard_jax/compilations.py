@@ -34,10 +34,12 @@ YNNPACK_CONVOLUTIONS_AND_DOTS = (
 )
 CPU_COMPILER_OPTIONS = (LLVM_LEVEL_1, YNNPACK_CONVOLUTIONS_AND_DOTS)
 # With one XLA:CPU device per core (mmard_jax.host_devices' default), Eigen's kernels run single-threaded inside each
-# device. Multi-threaded, they split some contractions by how many of the shared pool's threads are free, so a
-# CIFAR-shaped train step with the Winograd convolutions (models/convolution.py) gave a different last bit in 1 of
-# 3-4 reruns of the same compiled program on the same inputs; single-threaded, 8 of 8 reruns were identical, and the
-# step was as fast (ad hoc: 4.81-4.83 s against 4.92-5.06 s, RSLAD, batch 32, 2 devices on 2 cores).
+# device. Multi-threaded, the CIFAR-shaped train step with the Winograd convolutions (models/convolution.py) was not
+# bit-reproducible: reruns of the same compiled program on the same inputs differed by float32 rounding (~1e-6 in
+# the updated parameters) in most sets of 3-8 reruns, with Winograd on 16x16 grids (on 8x8 and 4x4 only, and without
+# it, 8 reruns agreed). Eigen's threaded kernels are the likely source (their work split follows the shared pool's
+# free threads; not traced further). Single-threaded, 8 reruns were identical and the step was as fast (ad hoc:
+# 4.81-4.83 s against 4.92-5.06 s, RSLAD, batch 32, 2 devices on 2 cores).
 ONE_EIGEN_THREAD_PER_DEVICE = ("xla_cpu_multi_thread_eigen", False)
 
 

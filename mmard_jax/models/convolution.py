@@ -159,7 +159,8 @@ def patches_forward(x, kernel, strides: tuple[int, int], pads: Pads, precision: 
 
 def winograd_applies(input_shape: Sequence[int], kernel_shape: Sequence[int], strides, pads: Pads) -> bool:
     """Whether ``winograd_conv`` computes this NHWC x HWIO convolution (on CPU): a 3x3 kernel, stride 1, padding 1,
-    an even grid (whole 2x2 output tiles) and at least WINOGRAD_MIN_CHANNELS channels on both sides."""
+    an even grid (whole 2x2 output tiles) of at most WINOGRAD_MAX_OUTPUT_AREA positions and at least
+    WINOGRAD_MIN_CHANNELS channels on both sides."""
     kh, kw, in_channels, out_channels = kernel_shape
     return (
         (kh, kw) == (3, 3)
