@@ -128,12 +128,18 @@ def conv_function(kind: str):
 
 @contextlib.contextmanager
 def model_convolutions(kind: str):
-    """The product's models trace with ``conv_function(kind)`` inside this block."""
+    """The product's models trace with ``conv_function(kind)`` inside this block. JAX's caches are emptied on entry
+    and exit: a model's convolution is a class attribute, which JAX's trace caches do not see, so a function traced
+    on one side of the switch would otherwise come back from the cache on the other."""
+    import jax
+
     from mmard_jax.models import layers
 
     saved = layers.ImageClassifier.conv_op
+    jax.clear_caches()
     layers.ImageClassifier.conv_op = conv_function(kind)
     try:
         yield
     finally:
         layers.ImageClassifier.conv_op = saved
+        jax.clear_caches()

@@ -460,11 +460,9 @@ def step_flops(side: JaxSide, compiled: Compiled) -> tuple[float, float]:
     unrolled = dataclasses.replace(
         side.spec, attack=dataclasses.replace(side.spec.attack, unroll=max(1, side.spec.attack.steps))
     )
-    jax.clear_caches()  # a model's convolution is a class attribute, which JAX's trace caches do not see
     with model_convolutions("xla"):
         step = train.make_train_step(unrolled, side.mesh)
         lowered = step.lower(side.state, side.teacher_vars, side.images, side.labels)
-    jax.clear_caches()
     devices = side.mesh.size
     own = compiled.executable.cost_analysis()
     own = own[0] if isinstance(own, list | tuple) else own

@@ -81,15 +81,12 @@ def float64_result(fn, args):
 
 
 def lowered_per_kind(make_fn, args) -> dict:
-    """``jax.jit(make_fn(kind)).lower(*args)`` for each kind of convolution the paths use, models included.
-
-    JAX's caches are emptied before each: a model's convolution is a class attribute, which JAX's trace cache does
-    not see, so the same function would otherwise come back traced with the first kind's convolutions."""
+    """``jax.jit(make_fn(kind)).lower(*args)`` for each kind of convolution the paths use, models included (each
+    traced afresh: ``model_convolutions`` empties JAX's caches)."""
     import jax
 
     lowered = {}
     for kind in dict.fromkeys(kind for kind, _ in XLA_PATHS.values()):
-        jax.clear_caches()
         with model_convolutions(kind):
             lowered[kind] = jax.jit(make_fn(kind)).lower(*args)
     return lowered
