@@ -5,11 +5,19 @@ The train step and the evaluation programs compile with `mmard_jax.compilations.
 (the shipped configs, a synthetic batch, a random teacher), lowers it once per setting and method, and compiles it
 under every variant, ``--pairs`` times in alternating order (``jax.clear_caches()`` before each compilation, so nothing
 is reused). The compiled programs then run interleaved timed rounds from the same state, and each variant's first
-update (parameters, BatchNorm statistics, metrics) is compared with the product's, bit for bit:
+update (parameters, BatchNorm statistics, metrics) is compared with the product's, bit for bit, and with itself over
+``--reruns`` runs of the same program from the same state (is the variant reproducible?).
+
+Two variants change the product in other ways than XLA's options: "threaded Eigen" drops the product's
+single-threaded Eigen kernels (``compilations.ONE_EIGEN_THREAD_PER_DEVICE``), and "no Winograd" traces the step with
+every convolution left to XLA's libraries (``convolution.winograd_applies`` never true), so both of the product's
+reasons for them are measured here: speed and reproducible steps.
 
     PYTHONPATH=. python benchmarks/step_compile_options.py --settle 300 \
         --output benchmarks/results/step_compile_options.md
     PYTHONPATH=. python benchmarks/step_compile_options.py --setting cifar --method rslad --steps 2 --output ''
+    PYTHONPATH=. python benchmarks/step_compile_options.py --setting cifar --variants "threaded Eigen,no Winograd,product" \
+        --pairs 1 --reruns 4 --settle 300 --output benchmarks/results/step_compile_options_cifar.md
 
 Like step_speed.py it pins itself to ``--cores`` and starts JAX with the product's host device count.
 ``--tiny``: test sizes (the CI smoke test).
@@ -18,6 +26,7 @@ Like step_speed.py it pins itself to ``--cores`` and starts JAX with the product
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -25,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -46,14 +56,48 @@ from benchmark_report import (  # noqa: E402
 
 from mmard_jax import compilations, parallel, train  # noqa: E402
 from mmard_jax.attacks.autoattack import common as attack_common  # noqa: E402
+from mmard_jax.models import convolution  # noqa: E402
+
+
+def threaded_eigen(product_options: dict) -> dict:
+    """The product's options with XLA's default, multi-threaded Eigen kernels."""
+    return {k: v for k, v in product_options.items() if k != compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]}
+
+
+@contextlib.contextmanager
+def without_winograd():
+    """Traces with no convolution taken for Winograd's (its channel threshold out of reach), JAX's caches emptied
+    on entry and exit so that no trace crosses the switch."""
+    saved = convolution.WINOGRAD_MIN_CHANNELS
+    jax.clear_caches()
+    convolution.WINOGRAD_MIN_CHANNELS = sys.maxsize
+    try:
+        yield
+    finally:
+        convolution.WINOGRAD_MIN_CHANNELS = saved
+        jax.clear_caches()
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How a variant departs from the product: XLA options (a tuple of pairs; None: the product's own,
+    ``compilations.compiler_options()``; a function: a change of the product's) and, where set, a context manager
+    under which the step is traced instead of as shipped."""
+
+    options: tuple | Callable[[dict], dict] | None = None
+    tracing: Callable[[], contextlib.AbstractContextManager] | None = None
+
 
 PRODUCT = "product"
-VARIANTS = {  # name: the options (None: the product's own, compilations.compiler_options())
-    "XLA defaults": (),
-    "LLVM level 0": (("xla_backend_optimization_level", 0),),
-    "attack options": attack_common.CPU_COMPILER_OPTIONS,
-    "YNNPACK reductions": (compilations.LLVM_LEVEL_1,),  # the product's, but XLA's default of what YNNPACK runs
-    PRODUCT: None,
+VARIANTS = {
+    "XLA defaults": Variant(()),
+    "LLVM level 0": Variant((("xla_backend_optimization_level", 0),)),
+    "attack options": Variant(attack_common.CPU_COMPILER_OPTIONS),
+    # the product's options, but XLA's default of what YNNPACK runs
+    "YNNPACK reductions": Variant((compilations.LLVM_LEVEL_1,)),
+    "threaded Eigen": Variant(threaded_eigen),
+    "no Winograd": Variant(tracing=without_winograd),
+    PRODUCT: Variant(),
 }
 DEFAULT_VARIANTS = ("XLA defaults", "attack options", PRODUCT)
 DEFAULT_STEPS = {"mnist": 10, "cifar": 2}
@@ -66,6 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--pairs", type=int, default=3, help="compilations of every variant, alternating")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds of every variant")
+    parser.add_argument("--reruns", type=int, default=2, help="runs of every variant's first update, compared bitwise")
     parser.add_argument("--steps", type=int, help="timed steps per round (default: mnist 10, cifar 2)")
     parser.add_argument("--cores", help="CPU cores to pin to, e.g. '0,1' (default: this process's)")
     parser.add_argument("--tiny", action="store_true", help="test sizes (step_speed.py's --tiny)")
@@ -76,13 +121,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.variant_names) - set(VARIANTS))
     if unknown or PRODUCT not in args.variant_names:
         parser.error(f"--variants {args.variants!r}: choose among {list(VARIANTS)}, {PRODUCT!r} included")
-    if args.pairs < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--pairs, --rounds and --steps must be at least 1")
+    if min(args.pairs, args.rounds, args.reruns) < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--pairs, --rounds, --reruns and --steps must be at least 1")
     return args
 
 
 def variant_options(name: str) -> dict:
-    return options_or_products(VARIANTS[name])
+    options = VARIANTS[name].options
+    return options(options_or_products(None)) if callable(options) else options_or_products(options)
+
+
+def lower_step(side, name: str):
+    """The train step lowered as variant ``name`` traces it."""
+    tracing = VARIANTS[name].tracing or contextlib.nullcontext
+    with tracing():
+        step = train.make_train_step(side.spec, side.mesh)
+        return step.lower(side.state, side.teacher_vars, side.images, side.labels)
 
 
 def compile_fresh(lowered, options: dict) -> tuple[object, float]:
@@ -99,6 +153,7 @@ class VariantResult:
     compile_seconds: list[float] = dataclasses.field(default_factory=list)
     rounds: list = dataclasses.field(default_factory=list)  # step_speed.Round
     first_update: list = dataclasses.field(default_factory=list)  # host leaves
+    rerun_updates: list = dataclasses.field(default_factory=list)  # the first update's later reruns (host leaves)
 
     @property
     def step_seconds(self) -> list[float]:
@@ -106,22 +161,29 @@ class VariantResult:
 
 
 def measure(side, names: list[str], args, steps: int) -> dict[str, VariantResult]:
-    """Compile times (alternating), the first update from one start state, then interleaved timed rounds."""
-    lowered = train.make_train_step(side.spec, side.mesh).lower(side.state, side.teacher_vars, side.images, side.labels)
+    """Compile times (alternating), the first update from one start state (``--reruns`` times), then interleaved
+    timed rounds."""
+    product_lowering = lower_step(side, PRODUCT)
+    lowered = {name: lower_step(side, name) if VARIANTS[name].tracing else product_lowering for name in names}
     results = {name: VariantResult(variant_options(name)) for name in names}
     executables = {}
     for pair in range(args.pairs):
         for name in names if pair % 2 == 0 else names[::-1]:
-            executables[name], seconds = compile_fresh(lowered, results[name].options)
+            executables[name], seconds = compile_fresh(lowered[name], results[name].options)
             results[name].compile_seconds.append(seconds)
     start_state = jax.device_get(side.state)
     states = {}
-    for name, executable in executables.items():  # the first call is also the warm-up
-        states[name], metrics = executable(
-            parallel.replicate(start_state, side.mesh), side.teacher_vars, side.images, side.labels
-        )
-        updated = (states[name].params, states[name].batch_stats, metrics)
-        results[name].first_update = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(updated))]
+    for rerun in range(args.reruns):  # the first call is also the warm-up
+        for name, executable in executables.items():
+            states[name], metrics = executable(
+                parallel.replicate(start_state, side.mesh), side.teacher_vars, side.images, side.labels
+            )
+            updated = (states[name].params, states[name].batch_stats, metrics)
+            leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(updated))]
+            if rerun == 0:
+                results[name].first_update = leaves
+            else:
+                results[name].rerun_updates.append(leaves)
     for _ in range(args.rounds):
         for name, executable in executables.items():
 
@@ -144,21 +206,41 @@ def same_bits(leaves, reference) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(leaves, reference, strict=True))
 
 
+def agreement(leaves, reference) -> str:
+    if same_bits(leaves, reference):
+        return "same bits"
+    return f"differs, max abs {largest_difference(leaves, reference):.1e}"
+
+
+def reruns_agreement(result: VariantResult) -> str:
+    """Whether every rerun of the first update gave the first run's bits ("n/a" with one run)."""
+    if not result.rerun_updates:
+        return "n/a"
+    differing = [
+        largest_difference(r, result.first_update)
+        for r in result.rerun_updates
+        if not same_bits(r, result.first_update)
+    ]
+    runs = len(result.rerun_updates) + 1
+    if not differing:
+        return f"{runs} of {runs} identical"
+    return f"{len(differing)} of {runs - 1} reruns differ, max abs {max(differing):.1e}"
+
+
 def report_rows(results: dict[str, VariantResult]) -> list[str]:
     product = results[PRODUCT]
     rows = [
-        "| variant (options) | compile s (each pair) | median s/step | min s/step | first update vs product |",
-        "|---|---|---|---|---|",
+        "| variant (options) | compile s (each pair) | median s/step | min s/step | first update vs product | "
+        "reruns of the first update |",
+        "|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         options = format_options(result.options)
-        if same_bits(result.first_update, product.first_update):
-            agreement = "same bits"
-        else:
-            agreement = f"differs, max abs {largest_difference(result.first_update, product.first_update):.1e}"
+        traced = " (traced without Winograd)" if VARIANTS[name].tracing is without_winograd else ""
         rows.append(
-            f"| {name} ({options}) | {joined(result.compile_seconds, 2)} | "
-            f"{statistics.median(result.step_seconds):.4g} | {min(result.step_seconds):.4g} | {agreement} |"
+            f"| {name} ({options}){traced} | {joined(result.compile_seconds, 2)} | "
+            f"{statistics.median(result.step_seconds):.4g} | {min(result.step_seconds):.4g} | "
+            f"{agreement(result.first_update, product.first_update)} | {reruns_agreement(result)} |"
         )
     rows.append("")
     for name, result in results.items():

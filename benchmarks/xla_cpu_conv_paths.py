@@ -5,7 +5,8 @@ XLA:CPU (jaxlib 0.10) hands convolutions and dots to YNNPACK fusions by default;
 per convolution (``mmard_jax.models.convolution``: Eigen for kernel gradients and for output grids up to 16x16,
 YNNPACK for the rest). In one process, interleaved, this times each of: XLA with YNNPACK (the default), XLA with
 Eigen, the product's per-convolution choice (compiled with the product's own CPU options, as the product compiles its
-programs), and eager PyTorch on the same shapes and weights:
+programs; in parts 1-2, whose programs run on one device, without its single-threaded Eigen kernels), and eager
+PyTorch on the same shapes and weights:
 
 1. one 3x3 convolution at each of ResNet-18's CIFAR stages: forward, input gradient, weight gradient; and the
    forward pass and input gradient of the one-channel first layers of the MNIST models (batch 64);
@@ -92,6 +93,18 @@ def lowered_per_kind(make_fn, args) -> dict:
     return lowered
 
 
+def one_device_options(options) -> dict:
+    """`options_or_products` for a program on one of this process's devices, as in parts 1-2: the product's options
+    without their single-threaded Eigen kernels, which the product sets only for programs that give every core a
+    device of its own (``compilations.ONE_EIGEN_THREAD_PER_DEVICE``); here Eigen may use every core, as PyTorch does."""
+    from mmard_jax import compilations
+
+    options = options_or_products(options)
+    if options.get(compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]) == compilations.ONE_EIGEN_THREAD_PER_DEVICE[1]:
+        del options[compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]]
+    return options
+
+
 def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:
     """``make_fn(kind)(*args)`` compiled once per XLA path: thunks that wait for the result, and each path's
     `relative_error` against ``reference`` (the same computation in float64)."""
@@ -100,7 +113,7 @@ def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:
     lowered = lowered_per_kind(make_fn, args)
     thunks, errors = {}, {}
     for name, (kind, options) in XLA_PATHS.items():
-        executable = lowered[kind].compile(compiler_options=options_or_products(options))
+        executable = lowered[kind].compile(compiler_options=one_device_options(options))
         errors[name] = relative_error(executable(*args), reference)
         thunks[name] = lambda executable=executable: jax.block_until_ready(executable(*args))
     return thunks, errors

@@ -34,12 +34,16 @@ YNNPACK_CONVOLUTIONS_AND_DOTS = (
 )
 CPU_COMPILER_OPTIONS = (LLVM_LEVEL_1, YNNPACK_CONVOLUTIONS_AND_DOTS)
 # With one XLA:CPU device per core (mmard_jax.host_devices' default), Eigen's kernels run single-threaded inside each
-# device. Multi-threaded, the CIFAR-shaped train step with the Winograd convolutions (models/convolution.py) was not
-# bit-reproducible: reruns of the same compiled program on the same inputs differed by float32 rounding (~1e-6 in
-# the updated parameters) in most sets of 3-8 reruns, with Winograd on 16x16 grids (on 8x8 and 4x4 only, and without
-# it, 8 reruns agreed). Eigen's threaded kernels are the likely source (their work split follows the shared pool's
-# free threads; not traced further). Single-threaded, 8 reruns were identical and the step was as fast (ad hoc:
-# 4.81-4.83 s against 4.92-5.06 s, RSLAD, batch 32, 2 devices on 2 cores).
+# device: as fast as multi-threaded ones there (CIFAR-shaped steps 1.00x / 0.98x, RSLAD / MMARD, batch 32, 2 devices
+# on 2 cores: benchmarks/results/step_compile_options_cifar.md, "threaded Eigen"), and Eigen then cannot take the
+# other device's core. It was first set for bit-reproducible reruns, which it does not give: in that record the RSLAD
+# step reran identically with either setting (4 of 4), the MMARD step with neither (its first call differs from the
+# later ones, which agree). Traced by hand (ad hoc, /tmp scripts, MMARD, 4 reruns each): identical without the
+# Winograd convolutions (models/convolution.py), with matrix products kept out of YNNPACK, or on one device; differing
+# with Winograd's products in YNNPACK on 2 devices (on 8x8 / 4x4 grids only: every rerun differs). So YNNPACK's
+# matrix products, run on 2 devices at once, vary in float32 rounding from call to call (root cause not found);
+# steps differ by ~1e-4 in the updated parameters (PGD's sign steps amplify rounding). Keeping products out of
+# YNNPACK made the steps 4-9 % slower (ad hoc), so the product does not.
 ONE_EIGEN_THREAD_PER_DEVICE = ("xla_cpu_multi_thread_eigen", False)
 
 

@@ -74,6 +74,20 @@ def test_steal_share_counts_the_hypervisors_share_of_cpu_time():
 
 
 @pytest.mark.slow
+def test_the_conv_paths_benchmark_times_single_programs_with_threaded_eigen():
+    """Parts 1-2 run on one device: the product's options there lose only the single-threaded Eigen option (which
+    this 8-device test session's programs get), XLA's paths keep theirs."""
+    import xla_cpu_conv_paths
+
+    from mmard_jax import compilations
+
+    product = compilations.compiler_options()
+    key = compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]
+    assert key in product
+    assert xla_cpu_conv_paths.one_device_options(None) == {k: v for k, v in product.items() if k != key}
+    assert xla_cpu_conv_paths.one_device_options(xla_cpu_conv_paths.EIGEN) == xla_cpu_conv_paths.EIGEN
+
+
 def test_the_xla_conv_paths_benchmark_runs_tiny_and_its_three_xla_paths_agree(tmp_path, monkeypatch):
     """benchmarks/xla_cpu_conv_paths.py at test sizes, without its train-step part: every pass timed on all four
     sides (XLA default, XLA Eigen, the product's convolutions, PyTorch), and every XLA path's float32 results within
@@ -109,6 +123,57 @@ def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change
     assert len(product.first_update) == len(defaults.first_update) > 3
     assert step_compile_options.largest_difference(defaults.first_update, product.first_update) < 1e-6
     assert f"| product ({step_compile_options.format_options(compilations.compiler_options())}) |" in report.read_text()
+
+
+def test_the_compile_options_benchmarks_other_variants_drop_the_eigen_option_and_reruns_are_compared(
+    tmp_path, monkeypatch
+):
+    """The "threaded Eigen" variant compiles with the product's options less the single-threaded Eigen one, "no
+    Winograd" with the product's own; each variant's first update is run twice and the two compared."""
+    import step_compile_options
+
+    from mmard_jax import compilations
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    argv = ["--tiny", "--method", "rslad", "--variants", "threaded Eigen,no Winograd,product", "--pairs", "1"]
+    argv += ["--rounds", "1", "--reruns", "2", "--steps", "1", "--output", str(tmp_path / "variants.md")]
+    results = step_compile_options.main(argv)["mnist/rslad"]
+    product = compilations.compiler_options()
+    eigen_option = compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]
+    assert results["threaded Eigen"].options == {k: v for k, v in product.items() if k != eigen_option}
+    assert results["no Winograd"].options == product
+    assert all(len(result.rerun_updates) == 1 for result in results.values())
+    # the tiny student's 64 -> 64 layers take Winograd's form in the product: the same update up to float32 rounding
+    assert (
+        0
+        < step_compile_options.largest_difference(results["no Winograd"].first_update, results["product"].first_update)
+        < 1e-6
+    )
+    assert "reruns of the first update" in (tmp_path / "variants.md").read_text()
+
+
+def test_tracing_without_winograd_leaves_a_wide_3x3_layer_to_xla_and_restores_the_routing():
+    """Under step_compile_options.without_winograd a 64 -> 64, 8x8 convolution lowers with no matrix product (the
+    Winograd form's 16 products), and afterwards with them again."""
+    import functools
+
+    import jax
+    import numpy as np
+    import step_compile_options
+
+    from mmard_jax.models import convolution
+
+    x, kernel = np.zeros((2, 8, 8, 64), np.float32), np.zeros((3, 3, 64, 64), np.float32)
+
+    def lowered_text():
+        conv = functools.partial(convolution.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return jax.jit(conv).lower(x, kernel).as_text()
+
+    assert "dot_general" in lowered_text()
+    with step_compile_options.without_winograd():
+        assert "dot_general" not in lowered_text() and "convolution" in lowered_text()
+    assert "dot_general" in lowered_text()
 
 
 def test_the_start_up_benchmark_runs_and_the_one_program_init_gives_the_op_by_op_bits(tmp_path):
