@@ -10,8 +10,8 @@ update (parameters, BatchNorm statistics, metrics) is compared with the product'
 
 Two variants change the product in other ways than XLA's options: "threaded Eigen" drops the product's
 single-threaded Eigen kernels (``compilations.ONE_EIGEN_THREAD_PER_DEVICE``), and "no Winograd" traces the step with
-every convolution left to XLA's libraries (``convolution.winograd_applies`` never true), so both of the product's
-reasons for them are measured here: speed and reproducible steps.
+every convolution left to XLA's libraries (``convolution.winograd_applies`` never true), so what each of those
+choices of the product gains or costs is measured here: step time, compile time and whether reruns agree.
 
     PYTHONPATH=. python benchmarks/step_compile_options.py --settle 300 \
         --output benchmarks/results/step_compile_options.md
