@@ -35,6 +35,14 @@ def options_or_products(options) -> dict:
     return dict(compilations.compiler_options() or {}) if options is None else dict(options)
 
 
+def threaded_eigen(options: dict) -> dict:
+    """XLA compiler options without the product's single-threaded Eigen kernels
+    (``compilations.ONE_EIGEN_THREAD_PER_DEVICE``): Eigen multi-threaded, XLA's default."""
+    from mmard_jax import compilations
+
+    return {k: v for k, v in options.items() if k != compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]}
+
+
 def interleaved_medians(thunks: dict, repeats: int) -> dict:
     """Median seconds of each thunk over ``repeats`` turns in which every thunk runs once (interleaved: a busy spell
     hits all of them alike), after one warm-up call each."""

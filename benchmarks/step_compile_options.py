@@ -51,17 +51,13 @@ from benchmark_report import (  # noqa: E402
     load_contention,
     options_or_products,
     publish,
+    threaded_eigen,
     wait_for_quiet,
 )
 
 from mmard_jax import compilations, parallel, train  # noqa: E402
 from mmard_jax.attacks.autoattack import common as attack_common  # noqa: E402
 from mmard_jax.models import convolution  # noqa: E402
-
-
-def threaded_eigen(product_options: dict) -> dict:
-    """The product's options with XLA's default, multi-threaded Eigen kernels."""
-    return {k: v for k, v in product_options.items() if k != compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]}
 
 
 @contextlib.contextmanager

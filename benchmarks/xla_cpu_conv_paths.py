@@ -39,7 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_report import conv_function, model_convolutions, options_or_products  # noqa: E402  (JAX when called)
+from benchmark_report import (  # noqa: E402  (JAX when called)
+    conv_function,
+    model_convolutions,
+    options_or_products,
+    threaded_eigen,
+)
 
 from mmard_jax import host_devices  # noqa: E402  (no JAX import: sets the device count before JAX starts)
 
@@ -97,12 +102,7 @@ def one_device_options(options) -> dict:
     """`options_or_products` for a program on one of this process's devices, as in parts 1-2: the product's options
     without their single-threaded Eigen kernels, which the product sets only for programs that give every core a
     device of its own (``compilations.ONE_EIGEN_THREAD_PER_DEVICE``); here Eigen may use every core, as PyTorch does."""
-    from mmard_jax import compilations
-
-    options = options_or_products(options)
-    if options.get(compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]) == compilations.ONE_EIGEN_THREAD_PER_DEVICE[1]:
-        del options[compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]]
-    return options
+    return threaded_eigen(options_or_products(options))
 
 
 def compiled_thunks(make_fn, args, reference) -> tuple[dict, dict]:

@@ -73,7 +73,6 @@ def test_steal_share_counts_the_hypervisors_share_of_cpu_time():
         assert share is None or 0 <= share <= 1
 
 
-@pytest.mark.slow
 def test_the_conv_paths_benchmark_times_single_programs_with_threaded_eigen():
     """Parts 1-2 run on one device: the product's options there lose only the single-threaded Eigen option (which
     this 8-device test session's programs get), XLA's paths keep theirs."""
@@ -88,6 +87,7 @@ def test_the_conv_paths_benchmark_times_single_programs_with_threaded_eigen():
     assert xla_cpu_conv_paths.one_device_options(xla_cpu_conv_paths.EIGEN) == xla_cpu_conv_paths.EIGEN
 
 
+@pytest.mark.slow
 def test_the_xla_conv_paths_benchmark_runs_tiny_and_its_three_xla_paths_agree(tmp_path, monkeypatch):
     """benchmarks/xla_cpu_conv_paths.py at test sizes, without its train-step part: every pass timed on all four
     sides (XLA default, XLA Eigen, the product's convolutions, PyTorch), and every XLA path's float32 results within
