@@ -33,6 +33,9 @@ YNNPACK_CONVOLUTIONS_AND_DOTS = (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
 )
 CPU_COMPILER_OPTIONS = (LLVM_LEVEL_1, YNNPACK_CONVOLUTIONS_AND_DOTS)
+# Matrix products left to Eigen, only convolutions to YNNPACK (see ONE_EIGEN_THREAD_PER_DEVICE below for why):
+# benchmarks/step_compile_options.py's "YNNPACK convolutions only" variant.
+YNNPACK_CONVOLUTIONS_ONLY = (YNNPACK_CONVOLUTIONS_AND_DOTS[0], "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
 # With one XLA:CPU device per core (mmard_jax.host_devices' default), Eigen's kernels run single-threaded inside each
 # device: as fast as multi-threaded ones there (CIFAR-shaped steps 1.00x / 0.98x, RSLAD / MMARD, batch 32, 2 devices
 # on 2 cores: benchmarks/results/step_compile_options_cifar.md, "threaded Eigen"), and Eigen then cannot take the

@@ -167,6 +167,7 @@ def eval_config(eps: float) -> ml_collections.ConfigDict:
             "batch_size": 256,
             "num_examples": 0,  # 0 = the full test split
             "every_epochs": 1,  # periodic clean + PGD evaluation on the holdout (or test) split
+            "periodic_examples": 0,  # the periodic evaluation reads the first this many examples (0 = eval.num_examples)
             "periodic_pgd_steps": 10,  # PGD steps of the periodic evaluation (cheap model selection)
             "periodic_pgd_step_size": 2.0 / 255.0,  # its step size: steps * step size must exceed eps
             "fgsm": True,
@@ -509,6 +510,7 @@ def _check_eval(eval_cfg, device_count: int) -> None:
     checks.non_negative_int("config.eval.num_examples", eval_cfg.num_examples)  # 0 = all
     checks.non_negative_int("config.eval.autoattack_examples", eval_cfg.autoattack_examples)  # 0 = eval.num_examples
     checks.positive_int("config.eval.every_epochs", eval_cfg.every_epochs)
+    checks.non_negative_int("config.eval.periodic_examples", eval_cfg.periodic_examples)  # 0 = eval.num_examples
     checks.positive_int("config.eval.periodic_pgd_steps", eval_cfg.periodic_pgd_steps)
     checks.non_negative_int("config.eval.pgd_steps", eval_cfg.pgd_steps)  # 0 = no PGD in the final evaluation
     checks.non_negative_int("config.eval.cw_steps", eval_cfg.cw_steps)  # 0 = no CW∞

@@ -119,6 +119,7 @@ def test_unknown_override_field_is_refused():
         ("teacher.method.trades_beta", -1.0, "config.teacher.method.trades_beta"),
         ("stages", " , ", "config.stages"),
         ("eval.every_epochs", 0, "config.eval.every_epochs"),
+        ("eval.periodic_examples", -5, "config.eval.periodic_examples"),
         ("log.every_steps", 0, "config.log.every_steps"),
         ("eval.periodic_pgd_steps", 0, "config.eval.periodic_pgd_steps"),
         ("eval.cw_kappa", -1.0, "config.eval.cw_kappa"),

@@ -128,20 +128,33 @@ def test_the_compile_options_benchmark_runs_tiny_and_the_products_options_change
 def test_the_compile_options_benchmarks_other_variants_drop_the_eigen_option_and_reruns_are_compared(
     tmp_path, monkeypatch
 ):
-    """The "threaded Eigen" variant compiles with the product's options less the single-threaded Eigen one, "no
-    Winograd" with the product's own; each variant's first update is run twice and the two compared."""
+    """The "threaded Eigen" variant compiles with the product's options less the single-threaded Eigen one, "YNNPACK
+    convolutions only" with matrix products taken from YNNPACK, "no Winograd" with the product's own; each variant's
+    first update is run twice and the two compared."""
     import step_compile_options
 
     from mmard_jax import compilations
 
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-    argv = ["--tiny", "--method", "rslad", "--variants", "threaded Eigen,no Winograd,product", "--pairs", "1"]
+    variants = "threaded Eigen,YNNPACK convolutions only,no Winograd,product"
+    argv = ["--tiny", "--method", "rslad", "--variants", variants, "--pairs", "1"]
     argv += ["--rounds", "1", "--reruns", "2", "--steps", "1", "--output", str(tmp_path / "variants.md")]
     results = step_compile_options.main(argv)["mnist/rslad"]
     product = compilations.compiler_options()
     eigen_option = compilations.ONE_EIGEN_THREAD_PER_DEVICE[0]
     assert results["threaded Eigen"].options == {k: v for k, v in product.items() if k != eigen_option}
     assert results["no Winograd"].options == product
+    fusion_option = compilations.YNNPACK_CONVOLUTIONS_AND_DOTS[0]
+    assert results["YNNPACK convolutions only"].options == {
+        **product,
+        fusion_option: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    }
+    assert (
+        step_compile_options.largest_difference(
+            results["YNNPACK convolutions only"].first_update, results["product"].first_update
+        )
+        < 1e-6
+    )
     assert all(len(result.rerun_updates) == 1 for result in results.values())
     # the tiny student's 64 -> 64 layers take Winograd's form in the product: the same update up to float32 rounding
     assert (

@@ -286,6 +286,32 @@ def test_training_on_real_digits_lowers_loss_and_raises_pgd_accuracy(digits, tmp
     assert outcome.epoch_records[-1]["pgd_acc"] > initial["pgd_acc"] + 0.2
 
 
+def test_periodic_evaluation_reads_only_its_first_examples(digits):
+    """A network with all parameters zero gives equal logits, so it predicts class 0 for every input, attacked or not.
+    Test labels 0 for the first 30 digits and 1 for the rest: the periodic evaluation scores 1.0 on its first 30
+    (eval.periodic_examples = 30), 0.3 on eval.num_examples = 100 (periodic_examples 0, the default) and 30 / N on
+    all N."""
+    from mmard_jax import main
+    from mmard_jax.data.sources import ArraySource
+
+    config = tiny_config()
+    labels = np.ones(digits.test.num_examples, np.int32)
+    labels[:30] = 0
+    dataset = digits._replace(test=ArraySource(digits.test.images, labels), holdout=None)
+    module = build_module(config.student.model, dataset.num_classes)
+    variables = init_variables(module, jax.random.PRNGKey(0), dataset.image_shape)
+    zeros = Network(module, jax.tree.map(jnp.zeros_like, variables))
+    mesh = parallel.make_mesh()
+    config.eval.batch_size = 16  # 30 digits: the last batch is padded, and padding must not count
+    config.eval.periodic_examples = 30
+    assert main._periodic_eval(config, dataset, mesh)(zeros) == {"clean_acc": 1.0, "pgd_acc": 1.0}
+    config.eval.periodic_examples, config.eval.num_examples = 0, 100  # falls back to the final evaluation's
+    assert main._periodic_eval(config, dataset, mesh)(zeros) == {"clean_acc": 0.3, "pgd_acc": 0.3}
+    config.eval.num_examples = 0
+    everything = main._periodic_eval(config, dataset, mesh)(zeros)
+    assert everything == {"clean_acc": 30 / labels.size, "pgd_acc": 30 / labels.size}
+
+
 def test_divergence_is_caught_before_it_is_saved_and_names_the_run(digits, tmp_path):
     """The learning rate jumps to 1e29 at epoch 2: the first update there overflows the parameters while that step's
     loss (computed before the update) is still finite. The run stops at that step, names itself, and every checkpoint
