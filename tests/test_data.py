@@ -347,6 +347,21 @@ def test_stratified_split_uneven_share_and_bad_size():
         sources.load_dataset(_config(source="digits", mnist5k_test_size=0))
 
 
+def test_every_prefix_of_a_class_sorted_sources_test_split_holds_every_class_alike():
+    """MNIST-5k's digits come sorted by class: the first 50 test examples hold 5 of each class, the first 500 hold 50
+    (an evaluation on a subset reads the first N), and the split still holds the same examples as a set."""
+    labels = np.repeat(np.arange(10), 500)  # MNIST-5k's layout
+    train, test = sources.stratified_split(labels, 1000)
+    for prefix in (10, 50, 500, 1000):
+        assert np.bincount(labels[test[:prefix]], minlength=10).tolist() == [prefix // 10] * 10
+    assert len(set(test.tolist())) == 1000 and np.intersect1d(train, test).size == 0
+    uneven = np.repeat(np.arange(3), [5, 7, 9])
+    _, test = sources.stratified_split(uneven, 7)  # shares 3, 2, 2: turns of (0, 1, 2), then the last 0
+    assert uneven[test].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    data = sources.load_dataset(_config(source="mnist5k"))
+    assert np.bincount(data.test.labels[:500]).tolist() == [50] * 10
+
+
 def test_holdout_is_fixed_and_validated():
     train = _indexed_source(20)
     kept, held = sources.split_holdout(train, 6)

@@ -101,11 +101,14 @@ def subset(src: ArraySource, indices: np.ndarray) -> ArraySource:
 
 
 def stratified_split(labels: np.ndarray, test_size: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Returns sorted (train_indices, test_indices) with an equal share of each class in test.
+    """Returns (train_indices, test_indices) with an equal share of each class in test.
 
     Classes are taken in sorted order; each gets ``test_size // K`` test examples and the first
     ``test_size % K`` classes one more. Within a class the test examples are the first ones of a
     permutation drawn from ``np.random.default_rng(seed)`` (one draw per class, in class order).
+    Train indices are sorted; test indices are in `class_interleaved` order, so that the first N test examples (an
+    evaluation on a subset: eval.num_examples, eval.periodic_examples, eval.autoattack_examples) hold every class
+    alike even where the source is sorted by class, as MNIST-5k is.
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
@@ -120,15 +123,24 @@ def stratified_split(labels: np.ndarray, test_size: int, seed: int = SPLIT_SEED)
         if share > members.shape[0]:
             raise ValueError(f"class {cls} has {members.shape[0]} examples, fewer than its test share {share}")
         test_parts.append(rng.permutation(members)[:share])
-    test = np.sort(np.concatenate(test_parts))
+    test = class_interleaved(test_parts)
     train = np.setdiff1d(np.arange(labels.shape[0]), test)
     return train, test
+
+
+def class_interleaved(parts: list[np.ndarray]) -> np.ndarray:
+    """The indices of ``parts`` (one array per class) in turns of one of each class: every prefix is as
+    class-balanced as the parts' sizes allow."""
+    rounds = max((len(part) for part in parts), default=0)
+    return np.array([part[k] for k in range(rounds) for part in parts if k < len(part)], dtype=np.int64)
 
 
 def split_holdout(train: ArraySource, holdout_size: int) -> tuple[ArraySource, ArraySource | None]:
     """Removes the last `holdout_size` examples of a fixed (seed 0) permutation from train.
 
-    Both parts keep the original order. Returns (train, None) when `holdout_size` is 0.
+    The kept part keeps the original order; the holdout is in the permutation's order, so that its first N examples
+    (eval.periodic_examples) are a random sample even of a source sorted by class. Returns (train, None) when
+    `holdout_size` is 0.
     """
     if not 0 <= holdout_size < train.num_examples:
         raise ValueError(
@@ -138,7 +150,7 @@ def split_holdout(train: ArraySource, holdout_size: int) -> tuple[ArraySource, A
         return train, None
     perm = np.random.default_rng(SPLIT_SEED).permutation(train.num_examples)
     cut = train.num_examples - holdout_size
-    return subset(train, np.sort(perm[:cut])), subset(train, np.sort(perm[cut:]))
+    return subset(train, np.sort(perm[:cut])), subset(train, perm[cut:])
 
 
 def _split_in_memory(images: np.ndarray, labels: np.ndarray, test_size: int) -> tuple[ArraySource, ArraySource]:
