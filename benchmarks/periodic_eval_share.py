@@ -44,7 +44,8 @@ def main() -> None:
         "# Periodic evaluation: share of each epoch's wall time",
         "",
         f"`PYTHONPATH=. python benchmarks/periodic_eval_share.py --workdir {args.workdir}` over the demo's runs "
-        "(`configs/mnist5k.py`: periodic clean + PGD-10 on the 1,000 test digits after every epoch).",
+        "(`configs/mnist5k.py`: periodic clean + PGD-10 on the first `eval.periodic_examples` test digits after every "
+        "epoch, 600 of 1,000 since 2026-12-07, all 1,000 before).",
         "",
         "| run | epoch 1 (with compilation) | epochs 2+ | eval seconds per epoch (2+) |",
         "|---|---|---|---|",
