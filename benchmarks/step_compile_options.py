@@ -93,7 +93,7 @@ VARIANTS = {
     "YNNPACK reductions": Variant((compilations.LLVM_LEVEL_1,)),
     "threaded Eigen": Variant(threaded_eigen),
     # matrix products (Winograd's among them) to Eigen, convolutions still to YNNPACK
-    "YNNPACK convolutions only": Variant(lambda options: dict(options, [compilations.YNNPACK_CONVOLUTIONS_ONLY])),
+    "YNNPACK convolutions only": Variant(lambda options: options | dict([compilations.YNNPACK_CONVOLUTIONS_ONLY])),
     "no Winograd": Variant(tracing=without_winograd),
     PRODUCT: Variant(),
 }
