@@ -11,6 +11,7 @@ is reported apart from the later epochs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import publish  # noqa: E402
 
+import ml_collections  # noqa: E402
+
+from mmard_jax import main as main_module  # noqa: E402
 from mmard_jax import reporting  # noqa: E402
 
 
@@ -32,6 +36,21 @@ def share(records: list[dict]) -> tuple[float, float, float]:
     return first_share, eval_s / (eval_s + train_s), eval_s / len(later)
 
 
+def evaluated_examples(workdir: str) -> str:
+    """What the workdir's periodic evaluation read, from the config its results.json records."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return "its results.json is missing, so the evaluated examples are not known."
+    eval_cfg = json.loads(Path(path).read_text(encoding="utf-8"))["config"]["eval"]
+    if "periodic_examples" not in eval_cfg:  # written before the field existed: the periodic evaluation read them all
+        return f"the periodic evaluation read eval.num_examples = {eval_cfg['num_examples']} (0 = all) examples."
+    count = main_module.periodic_examples(ml_collections.ConfigDict(eval_cfg))
+    return (
+        f"the periodic evaluation read {f'the first {count}' if count else 'all'} examples of its split "
+        f"(eval.periodic_examples = {eval_cfg['periodic_examples']}, eval.num_examples = {eval_cfg['num_examples']})."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -43,9 +62,8 @@ def main() -> None:
     lines = [
         "# Periodic evaluation: share of each epoch's wall time",
         "",
-        f"`PYTHONPATH=. python benchmarks/periodic_eval_share.py --workdir {args.workdir}` over the demo's runs "
-        "(`configs/mnist5k.py`: periodic clean + PGD-10 on the first `eval.periodic_examples` test digits after every "
-        "epoch, 600 of 1,000 since 2026-12-07, all 1,000 before).",
+        f"`PYTHONPATH=. python benchmarks/periodic_eval_share.py --workdir {args.workdir}` over the runs of "
+        f"`{args.workdir}`: {evaluated_examples(args.workdir)}",
         "",
         "| run | epoch 1 (with compilation) | epochs 2+ | eval seconds per epoch (2+) |",
         "|---|---|---|---|",
