@@ -39,7 +39,7 @@ def write_run(directory: Path, records: list[dict]) -> None:
         ({"num_examples": 1000}, "eval.num_examples = 1000"),  # results.json of a version before the field
     ],
 )
-def test_report_header_reads_the_recorded_config(tmp_path, monkeypatch, capsys, eval_cfg, expected):
+def test_report_header_reads_the_recorded_config(tmp_path, monkeypatch, eval_cfg, expected):
     write_run(tmp_path / "teacher", [epoch(1, 6.0, 4.0), epoch(2, 9.0, 1.0)])
     write_run(tmp_path / "students" / "rslad", [epoch(1, 3.0, 1.0), epoch(2, 4.0, 1.0)])
     (tmp_path / "results.json").write_text(json.dumps({"config": {"eval": eval_cfg}}), encoding="utf-8")
