@@ -40,13 +40,10 @@ YNNPACK_CONVOLUTIONS_ONLY = (YNNPACK_CONVOLUTIONS_AND_DOTS[0], "LIBRARY_FUSION_T
 # device: as fast as multi-threaded ones there (CIFAR-shaped steps 1.00x / 0.98x, RSLAD / MMARD, batch 32, 2 devices
 # on 2 cores: benchmarks/results/step_compile_options_cifar.md, "threaded Eigen"), and Eigen then cannot take the
 # other device's core. It was first set for bit-reproducible reruns, which it does not give: in that record the RSLAD
-# step reran identically with either setting (4 of 4), the MMARD step with neither (its first call differs from the
-# later ones, which agree). Traced by hand (ad hoc, /tmp scripts, MMARD, 4 reruns each): identical without the
-# Winograd convolutions (models/convolution.py), with matrix products kept out of YNNPACK, or on one device; differing
-# with Winograd's products in YNNPACK on 2 devices (on 8x8 / 4x4 grids only: every rerun differs). So YNNPACK's
-# matrix products, run on 2 devices at once, vary in float32 rounding from call to call (root cause not found);
-# steps differ by ~1e-4 in the updated parameters (PGD's sign steps amplify rounding). Keeping products out of
-# YNNPACK made the steps 4-9 % slower (ad hoc), so the product does not.
+# step reran identically with either setting (4 of 4), the MMARD step with neither. Keeping matrix products out of
+# YNNPACK (YNNPACK_CONVOLUTIONS_ONLY) does not give them either: on a later host both steps' reruns differed with and
+# without it, and it made the steps 4-7 % slower (benchmarks/results/step_compile_options_products.md), so the
+# product keeps products in YNNPACK. Root cause not found; PGD's sign steps amplify float32 rounding.
 ONE_EIGEN_THREAD_PER_DEVICE = ("xla_cpu_multi_thread_eigen", False)
 
 

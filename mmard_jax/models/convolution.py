@@ -78,8 +78,8 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 # 1.5-1.6x / 1.7x / 1.2x faster and their input gradients 1.6-1.7x / 1.7x / 1.1x (ad hoc, interleaved, before the input
 # gradient reused the forward pass's kernel transform); the CIFAR-shaped RSLAD and MMARD steps 1.17x (traced without it
 # for comparison: benchmarks/results/step_compile_options_cifar.md, "no Winograd"; compile time about 2x; against
-# PyTorch: benchmarks/results/step_speed.md). On 2 devices its products in YNNPACK make some steps' reruns differ by
-# float32 rounding (mmard_jax/compilations.py). At 32x32 its 4x larger tiles made it 1.5-1.9x slower
+# PyTorch: benchmarks/results/step_speed.md). On 2 devices the steps' reruns can differ by float32 rounding
+# (mmard_jax/compilations.py). At 32x32 its 4x larger tiles made it 1.5-1.9x slower
 # than the direct convolution there (interleaved with other work; alone, with warm caches, 1.4x faster), so 32x32
 # stays direct. Narrower layers (the demo's and AutoAttack's CNNs) stay as they are.
 WINOGRAD_MIN_CHANNELS = 64
