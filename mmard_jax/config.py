@@ -132,7 +132,8 @@ def method_config(name: str) -> ml_collections.ConfigDict:
             "mmard_outer": False,  # add MMARD's triangle mutual-information term to a distillation base (§3.2)
             # what name='mmard' is: this distillation base with these MMARD parts ('inner' | 'outer' | 'both'). IAD with
             # the outer triangle had the best mean AutoAttack accuracy of the 16 variants of the plug-and-play study
-            # (3 seeds, benchmarks/results/study_plug_and_play.md); until then it was AdaAD with both parts.
+            # (3 seeds, benchmarks/results/study_plug_and_play_digits0-4.md; again on balanced digits:
+            # study_plug_and_play.md); until then it was AdaAD with both parts.
             "mmard_base": "iad",
             "mmard_parts": "outer",
             # KL reduction of ARD/RSLAD/AdaAD/TRADES/MMARD: 'mean' over B*C (PyTorch KLDivLoss default; ARD/RSLAD/AdaAD
